@@ -1,0 +1,27 @@
+"""Registered model sizes: each entry only wires numbers (timm style)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oneref.models.oneref import OneRef, OneRefConfig
+
+SIZES: dict[str, dict[str, int]] = {
+    # CPU-friendly size for the embedded synthetic default and for tests.
+    "tiny": dict(embed_dim=128, num_heads=4, depth=4, ffn_dim=512),
+    "base": dict(embed_dim=768, num_heads=12, depth=12, ffn_dim=3072),
+    "large": dict(embed_dim=1024, num_heads=16, depth=24, ffn_dim=4096),
+}
+
+# Image sizes of the released checkpoints (tiny accepts any multiple of the patch size).
+RELEASED_IMG_SIZES: dict[str, tuple[int, ...]] = {"base": (384, 480), "large": (384,)}
+
+
+def model_config(size: str, **overrides: Any) -> OneRefConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    return OneRefConfig(**{**SIZES[size], **overrides})
+
+
+def create_model(size: str, **overrides: Any) -> OneRef:
+    return OneRef(model_config(size, **overrides))
