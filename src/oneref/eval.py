@@ -1,0 +1,88 @@
+"""Evaluate a checkpoint on every test split of a dataset, one dataloader per split:
+
+    python -m oneref.eval ckpt_path=PATH data=refcoco model=base task=rec
+    python -m oneref.eval ckpt_path=official/refcoco_base.pth ckpt_format=official data=refcoco model=base
+
+ckpt_path is one of our Lightning .ckpt files, a converted checkpoint folder, or an official
+OneRef .pth (then give ckpt_format=official; the architecture comes from ``model``).
+Prints a table (datasets x splits) and writes every metric to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from oneref.config import config_dir, to_container
+from oneref.tasks.grounding import GroundingModule
+from oneref.train import build_module, build_trainer
+
+log = logging.getLogger(__name__)
+
+
+def load_module(cfg: DictConfig) -> GroundingModule:
+    path = str(cfg.ckpt_path)
+    if path.endswith(".ckpt") and cfg.get("ckpt_format") in (None, "lightning"):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        module = GroundingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        module.dataset_name = str(cfg.data.dataset)
+        return module
+    from oneref.checkpoint import load_pretrained
+
+    module = build_module(cfg)
+    report = load_pretrained(module.model, path, source_format=cfg.get("ckpt_format"))
+    log.info("loaded %s\n%s", path, report)
+    return module
+
+
+def results_table(metrics: dict[str, float], dataset: str) -> Table:
+    """Rows: metric; columns: splits (the paper's layout)."""
+    prefix = f"test/{dataset}/"
+    cells: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix):
+            split, name = key[len(prefix) :].split("/", 1)
+            cells.setdefault(name, {})[split] = value
+    splits = sorted({s for row in cells.values() for s in row})
+    table = Table(title=f"{dataset}")
+    table.add_column("metric")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for name in sorted(cells):
+        table.add_row(name, *(f"{100 * cells[name][s]:.2f}" if s in cells[name] else "-" for s in splits))
+    return table
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    module = load_module(cfg)
+    trainer = build_trainer(cfg, callbacks=[])
+    trainer.test(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if trainer.is_global_zero:
+        Console().print(results_table(metrics, str(cfg.data.dataset)))
+        out = Path(cfg.get("output_json") or Path(cfg.paths.output_dir) / "metrics.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"checkpoint": str(cfg.ckpt_path), "metrics": metrics,
+                                   "config": to_container(cfg)}, indent=2, default=str))
+        log.info("metrics written to %s", out)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

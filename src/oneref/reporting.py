@@ -1,0 +1,74 @@
+"""What a run tells its user: run facts for the loggers, the result table, the baseline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from oneref.config import to_container
+
+log = logging.getLogger(__name__)
+
+
+def log_run_facts(trainer: L.Trainer, cfg: DictConfig) -> dict[str, Any]:
+    """Effective batch size, world size, precision and the resolved config, to every logger."""
+    per_device = int(cfg.data.get("batch_size", 0))
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+    facts = {
+        "effective_batch_size": per_device * trainer.world_size * accumulate,
+        "per_device_batch_size": per_device,
+        "world_size": trainer.world_size,
+        "accumulate_grad_batches": accumulate,
+        "precision": str(trainer.precision),
+    }
+    log.info("run facts: %s", facts)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"run": facts, "config": to_container(cfg)})
+    return facts
+
+
+def mean_box_baseline(datamodule: Any, dataset: str) -> dict[str, float]:
+    """Acc@0.5 of always predicting the mean training box, per test split."""
+    from oneref.tasks.metrics import RECMetrics
+
+    mean_box = torch.as_tensor(datamodule.mean_train_box(), dtype=torch.float32)
+    loaders = datamodule.test_dataloader()
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    out = {}
+    for split, loader in zip(datamodule.test_split_names, loaders):
+        metric = RECMetrics()
+        for batch in loader:
+            gt = batch["box"]
+            metric.update(mean_box.expand_as(gt), gt)
+        out[f"baseline/{dataset}/{split}/acc@0.5"] = float(metric.compute()["acc@0.5"])
+    return out
+
+
+def print_results(metrics: dict[str, float], title: str, checkpoint: str | None = None) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(k for k in metrics if k.startswith(("test/", "baseline/"))):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    console = Console()
+    console.print(table)
+    if checkpoint:
+        console.print(f"checkpoint: {checkpoint}")
+
+
+def finish_loggers(trainer: L.Trainer | None) -> None:
+    """Close W&B runs even after a crash, so the next job of a multirun starts clean."""
+    if trainer is None:
+        return
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        import wandb
+
+        wandb.finish()

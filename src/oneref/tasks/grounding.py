@@ -1,0 +1,232 @@
+"""REC and RES transfer as one LightningModule around the one OneRef model.
+
+The task decides which heads exist (RES adds the seg head), which losses run (official flags),
+which metrics are reported, and which parameters train: parameters that no enabled loss reaches
+are frozen, which matches the official numerics (AdamW skips parameters without gradients) and
+lets DDP run without ``find_unused_parameters``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from oneref.models.oneref import OneRef
+from oneref.models.registry import model_config
+from oneref.tasks.losses import GroundingCriterion
+from oneref.tasks.metrics import RECMetrics, RESMetrics
+
+log = logging.getLogger(__name__)
+
+# Keys of the model config that configure training, not the architecture.
+_RUNTIME_MODEL_KEYS = ("size", "compile", "grad_checkpointing")
+
+
+def build_model(model: dict[str, Any], seg_head: bool = False, **extra: Any) -> OneRef:
+    arch = {k: v for k, v in model.items() if k not in _RUNTIME_MODEL_KEYS}
+    return OneRef(model_config(model["size"], seg_head=seg_head, **arch, **extra))
+
+
+class GroundingModule(L.LightningModule):
+    """REC (box) or RES (mask) transfer.
+
+    Args are plain containers (saved as hyperparameters, so our checkpoints load under
+    ``torch.load(weights_only=True)``):
+        model: size name plus OneRefConfig overrides, ``compile`` and ``grad_checkpointing``.
+        task: ``name`` (rec | res), ``frozen_backbone``, ``losses`` (official flags),
+            ``val_images_every_n_epochs``.
+        optim: see conf/optim/adamw.yaml.
+        dataset: dataset name, used in test metric names.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        task: dict[str, Any],
+        optim: dict[str, Any],
+        dataset: str = "data",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        name = task["name"]
+        if name not in ("rec", "res"):
+            raise ValueError(f"task.name must be 'rec' or 'res', got {name!r}")
+        self.is_res = name == "res"
+        self.dataset_name = dataset
+        self.model = build_model(model, seg_head=self.is_res)
+        if model.get("grad_checkpointing"):
+            self.model.set_grad_checkpointing(True)
+        losses = dict(task.get("losses", {}))
+        self.criterion = GroundingCriterion(
+            similarity_temperature=self.model.cfg.similarity_temperature, **losses
+        )
+        self._freeze_unreached(losses, bool(task.get("frozen_backbone", False)))
+        self.val_rec = RECMetrics()
+        self.val_res = RESMetrics() if self.is_res else None
+        self.test_metrics = nn.ModuleList()
+        self.test_split_names: list[str] = []
+
+    # -- setup --------------------------------------------------------------------------------
+    def _freeze_unreached(self, losses: dict[str, Any], frozen_backbone: bool) -> None:
+        m = self.model
+        box = bool(losses.get("use_regress_box"))
+        sim = box or bool(losses.get("use_box_mask_constraints"))
+        contrastive = bool(losses.get("use_contrastive_loss"))
+        seg = bool(losses.get("use_mask_loss"))
+        m.bbox_embed.requires_grad_(box)
+        m.visu_proj.requires_grad_(box)
+        m.vision_head.requires_grad_(sim or contrastive)
+        m.language_head.requires_grad_(sim or contrastive or seg)
+        m.logit_scale.requires_grad_(contrastive)
+        if self.is_res:
+            for i in (1, 2, 3):
+                getattr(m, f"seg_conv{i}").requires_grad_(seg)
+                getattr(m, f"bn{i}").requires_grad_(seg)
+        if frozen_backbone:
+            m.beit3.requires_grad_(False)
+        if not any(p.requires_grad for p in m.parameters()):
+            raise ValueError("no enabled loss reaches any trainable parameter: check task.losses")
+
+    def configure_model(self) -> None:
+        if self.hparams.model.get("compile") and not getattr(self, "_compiled", False):
+            # Compiles in place: state-dict keys stay the official ones.
+            for layer in self.model.beit3.encoder.layers:
+                layer.compile()
+            self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(dm, "test_split_names", []) or [])
+        if stage in ("test", "fit") and names and names != self.test_split_names:
+            self.test_split_names = names
+            self.test_metrics = nn.ModuleList(
+                nn.ModuleDict({"rec": RECMetrics(), **({"res": RESMetrics()} if self.is_res else {})})
+                for _ in names
+            )
+
+    # -- steps --------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.model(batch["image"], batch["text_ids"], batch["text_padding_mask"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self(batch)
+        losses = self.criterion(out, batch, logit_scale=self.model.logit_scale)
+        bs = batch["image"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs, prog_bar=False)
+        self.log("train/loss", losses["loss"].detach(), batch_size=bs, prog_bar=True)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self(batch)
+        losses = self.criterion(out, batch, logit_scale=self.model.logit_scale)
+        self.log("val/loss", losses["loss"], batch_size=batch["image"].shape[0], sync_dist=True)
+        self.val_rec.update(out["pred_box"], batch["box"])
+        if self.val_res is not None:
+            self.val_res.update(out["seg_mask"], batch["obj_mask"])
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {f"val/{k}": v for k, v in self.val_rec.compute().items()}
+        self.val_rec.reset()
+        if self.val_res is not None:
+            box = {f"val/box_{k}": v for k, v in metrics.items()}
+            metrics = {**box, **{f"val/{k}": v for k, v in self.val_res.compute().items()}}
+            self.val_res.reset()
+        self.log_dict(metrics, prog_bar=True)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        out = self(batch)
+        group = self._test_group(dataloader_idx)
+        group["rec"].update(out["pred_box"], batch["box"])
+        if "res" in group:
+            group["res"].update(out["seg_mask"], batch["obj_mask"])
+
+    def _test_group(self, idx: int) -> nn.ModuleDict:
+        if not self.test_metrics:  # no datamodule split names: one anonymous split
+            self.test_split_names = ["test"]
+            self.test_metrics = nn.ModuleList(
+                [nn.ModuleDict({"rec": RECMetrics(), **({"res": RESMetrics()} if self.is_res else {})})]
+            ).to(self.device)
+        return self.test_metrics[idx]
+
+    def on_test_epoch_end(self) -> None:
+        metrics: dict[str, Tensor] = {}
+        for split, group in zip(self.test_split_names, self.test_metrics):
+            prefix = f"test/{self.dataset_name}/{split}"
+            for k, v in group["rec"].compute().items():
+                metrics[f"{prefix}/{'box_' if 'res' in group else ''}{k}"] = v
+            if "res" in group:
+                metrics.update({f"{prefix}/{k}": v for k, v in group["res"].compute().items()})
+            for metric in group.values():
+                metric.reset()
+        self.log_dict(metrics, add_dataloader_idx=False)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        out = self(batch)
+        keep = {"pred_box": out["pred_box"]}
+        if "seg_mask" in out:
+            keep["seg_mask"] = out["seg_mask"]
+        return keep
+
+    # -- optimisation -------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        cfg = self.hparams.optim
+        wd = float(cfg.get("weight_decay", 0.0))
+        layer_decay = cfg.get("layer_decay")
+        split_decay = bool(cfg.get("no_weight_decay_groups"))
+        skip = self.model.no_weight_decay()
+        depth = self.model.cfg.depth
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = 0.0 if split_decay and (p.ndim <= 1 or name in skip) else wd
+            scale = float(layer_decay) ** (depth + 1 - self.model.layer_id(name)) if layer_decay else 1.0
+            groups.setdefault((decay, scale), []).append(p)
+        return [{"params": ps, "weight_decay": d, "lr_scale": s} for (d, s), ps in groups.items()]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.hparams.optim
+        if cfg.get("name", "adamw") != "adamw":
+            raise ValueError(f"optim.name {cfg.get('name')!r} is not supported; use adamw")
+        lr = float(cfg["lr"])
+        groups = self.param_groups()
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
+        fused = bool(cfg.get("fused", True)) and self.device.type == "cuda"
+        opt = torch.optim.AdamW(
+            groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)), fused=fused
+        )
+        sched = dict(cfg.get("scheduler") or {})
+        interval = sched.get("interval", "epoch")
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"optim.scheduler.interval must be 'epoch' or 'step', got {interval!r}")
+        total = self.trainer.max_epochs if interval == "epoch" else self.trainer.estimated_stepping_batches
+        if interval == "epoch" and (total is None or total < 0):
+            raise ValueError("an epoch-stepped schedule needs trainer.max_epochs >= 1")
+        factor = schedule_factor(
+            sched.get("name", "cosine"), int(total), int(sched.get("warmup_steps", 0)), float(sched.get("min_lr_ratio", 0.0))
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def schedule_factor(name: str, total: int, warmup: int = 0, min_ratio: float = 0.0):
+    """LR multiplier per scheduler step. cosine with no warmup and min 0 is the official
+    ``0.5 * (1 + cos(pi * epoch / epochs))``."""
+    if name not in ("cosine", "constant"):
+        raise ValueError(f"optim.scheduler.name must be 'cosine' or 'constant', got {name!r}")
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if name == "constant":
+            return 1.0
+        t = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor

@@ -1,0 +1,99 @@
+"""Train (and test) a OneRef model: ``python -m oneref.train [overrides]``.
+
+With no overrides it trains REC on the embedded synthetic dataset with the tiny model (CPU is
+fine), checkpoints the best and last, tests the best checkpoint and prints a table next to the
+mean-box baseline. Hydra composes task, model, data, trainer, strategy, logger and experiment;
+see README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from oneref.config import config_dir, to_container
+from oneref.reporting import finish_loggers, log_run_facts, mean_box_baseline, print_results
+from oneref.tasks.grounding import GroundingModule
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: Any) -> Any:
+    if precision == "auto":
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return precision
+
+
+def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
+    trainer_cfg = to_container(cfg.trainer)
+    trainer_cfg.pop("_target_", None)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"))
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    if callbacks is None:
+        callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
+    return L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False, strategy=strategy)
+
+
+def build_module(cfg: DictConfig) -> GroundingModule:
+    return GroundingModule(
+        model=to_container(cfg.model),
+        task=to_container(cfg.task),
+        optim=to_container(cfg.optim),
+        dataset=str(cfg.data.dataset),
+    )
+
+
+def init_weights(module: GroundingModule, source: str, source_format: str | None) -> None:
+    from oneref.checkpoint import load_pretrained
+
+    report = load_pretrained(module.model, source, source_format=source_format)
+    log.info("initialised from %s\n%s", source, report)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then test the best checkpoint. Returns every logged metric as a float."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    module = build_module(cfg)
+    if cfg.get("init_from"):
+        init_weights(module, str(cfg.init_from), cfg.get("init_format"))
+    trainer = build_trainer(cfg)
+    try:
+        log_run_facts(trainer, cfg)
+        metrics: dict[str, float] = {}
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if cfg.get("test", True):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            ckpt = best if best and Path(best).is_file() else None
+            if cfg.get("train", True) and ckpt is None:
+                log.warning("no best checkpoint was saved; testing the weights in memory")
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            if cfg.get("report_baseline") and trainer.is_global_zero and not module.is_res:
+                metrics.update(mean_box_baseline(datamodule, module.dataset_name))
+            if trainer.is_global_zero:
+                print_results(metrics, title=f"{cfg.run_name}: test results", checkpoint=ckpt)
+        return metrics
+    finally:
+        finish_loggers(trainer)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # the value a Hydra sweeper optimises
+    return metrics.get(str(cfg.task.monitor))
+
+
+if __name__ == "__main__":
+    main()

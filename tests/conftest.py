@@ -1,0 +1,71 @@
+"""Shared fixtures: the golden folder, and the real Hydra config composed and shrunk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from oneref.config import config_dir
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden" / "official-tiny"
+
+# Small synthetic dataset shared by the whole session (generated once).
+TINY_SYNTHETIC = {"num_train": 96, "num_val": 32, "num_test": 32}
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (GOLDEN / "config.json").is_file():
+        pytest.skip(f"golden reference set not found at {GOLDEN} (it ships in ../shared/golden)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("oneref-cache")
+
+
+def compose_config(
+    name: str, overrides: list[str], output_dir: Path, cache: Path
+) -> DictConfig:
+    """Compose conf/<name>.yaml like the CLI does, then shrink it for a 2-core CPU."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir / "logs")
+        cfg.paths.cache_dir = str(cache)
+        cfg.trainer.accelerator = "cpu"
+        cfg.trainer.devices = 1
+        cfg.trainer.precision = "32-true"
+        cfg.trainer.num_sanity_val_steps = 0
+        cfg.data.num_workers = 0
+        cfg.data.pin_memory = False
+        if cfg.data.dataset == "synthetic":
+            cfg.data.synthetic = {**cfg.data.get("synthetic", {}), **TINY_SYNTHETIC}
+        cfg.logger = {}
+        if cfg.get("callbacks"):
+            cfg.callbacks.pop("rich_progress_bar", None)
+            cfg.callbacks.pop("model_summary", None)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str, name: str = "train") -> DictConfig:
+        return compose_config(name, list(overrides), tmp_path, cache_dir)
+
+    yield make
+    GlobalHydra.instance().clear()
