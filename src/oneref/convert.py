@@ -254,6 +254,7 @@ def parity_rows(golden_dir: str | Path) -> tuple[list[tuple[str, str, Any, str]]
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)  # the golden was computed single-threaded
     torch.use_deterministic_algorithms(True)
     try:
@@ -261,6 +262,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"FAILED to load the golden checkpoint through the converter:\n{e}")
         return 1
+    finally:  # main() may run inside another process (tests): leave its settings as they were
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     width = max(len(r[0]) for r in rows)
     failed = 0
     print(f"{'output':<{width}}  {'file':<22}  {'max-abs':>10}  status")
