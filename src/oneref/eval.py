@@ -67,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = load_module(cfg)
     trainer = build_trainer(cfg, callbacks=[])
-    trainer.test(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if trainer.is_global_zero:
         Console().print(results_table(metrics, str(cfg.data.dataset)))

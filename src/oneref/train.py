@@ -9,12 +9,14 @@ see README.md.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from oneref.config import config_dir, to_container
@@ -34,9 +36,12 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
     trainer_cfg = to_container(cfg.trainer)
     trainer_cfg.pop("_target_", None)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"))
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # a group entry set to null (e.g. callbacks.rich_progress_bar=null) is switched off
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     if callbacks is None:
-        callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+        callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not loggers:  # nothing to monitor the learning rate into
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
     return L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False, strategy=strategy)
 
@@ -57,6 +62,15 @@ def init_weights(module: GroundingModule, source: str, source_format: str | None
     log.info("initialised from %s\n%s", source, report)
 
 
+def export_best(ckpt: str, dest: Path) -> None:
+    """Copy the best checkpoint to a stable path that a later stage's ``init_from`` names."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    shutil.copyfile(ckpt, tmp)
+    tmp.replace(dest)
+    log.info("best checkpoint exported to %s", dest)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint. Returns every logged metric as a float."""
     if cfg.get("seed") is not None:
@@ -72,12 +86,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt = best if best and Path(best).is_file() else None
+        if ckpt and cfg.get("export_best") and trainer.is_global_zero:
+            export_best(ckpt, Path(cfg.export_best))
         if cfg.get("test", True):
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            ckpt = best if best and Path(best).is_file() else None
             if cfg.get("train", True) and ckpt is None:
                 log.warning("no best checkpoint was saved; testing the weights in memory")
-            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
             if cfg.get("report_baseline") and trainer.is_global_zero and not module.is_res:
                 metrics.update(mean_box_baseline(datamodule, module.dataset_name))

@@ -187,7 +187,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
         self.embed_positions = PositionEmbeddings(cfg)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [0.0]
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist() if cfg.depth > 1 else [0.0]
         self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
         self.layer_norm = Multiway(lambda: nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
 

@@ -117,7 +117,8 @@ class GroundingModule(L.LightningModule):
         out = self(batch)
         losses = self.criterion(out, batch, logit_scale=self.model.logit_scale)
         bs = batch["image"].shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs, prog_bar=False)
+        terms = {f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}
+        self.log_dict(terms, batch_size=bs)
         self.log("train/loss", losses["loss"].detach(), batch_size=bs, prog_bar=True)
         return losses["loss"]
 
