@@ -1,0 +1,379 @@
+"""LightningDataModule for every dataset: official split files and the embedded synthetic data."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
+
+from oneref.data.datasets import RefCollate, RefDataset, configure_worker_process
+from oneref.data.records import DATASETS, DEFAULT_TEST_SPLITS
+from oneref.data.synthetic import SyntheticConfig, SyntheticPaths, ensure_synthetic
+from oneref.data.tokenizer import Tokenizer
+from oneref.data.transforms import AugmentConfig, letterbox_box
+
+log = logging.getLogger(__name__)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (from Hydra) to plain Python."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # omegaconf is a dependency, but the data code does not need it
+        pass
+    return value
+
+
+def _splits(value: str | Sequence[str] | None) -> list[str]:
+    value = _plain(value)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
+    """Seeded (optionally sharded) sampler that also tells the dataset the epoch.
+
+    A `DistributedSampler`, so Lightning keeps it (no sampler replacement) and calls `set_epoch`; the
+    dataset's per-sample augmentation generator is derived from (seed, epoch, index), which makes
+    augmentations independent of the number of workers and of persistent worker state.
+    """
+
+    def __init__(self, dataset: RefDataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        self._bad_reported = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        ds = self.dataset
+        if isinstance(ds, RefDataset):
+            ds.set_epoch(epoch)
+            n_bad = len(ds.bad_indices())
+            if n_bad > self._bad_reported:
+                rep = ds.bad_sample_report()
+                log.warning(
+                    "%s: %d bad samples skipped so far, e.g. %s", rep["dataset"], n_bad, rep["examples"]
+                )
+                self._bad_reported = n_bad
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation sharding without the padding duplicates of `DistributedSampler` (official bug 22)."""
+
+    def __init__(self, dataset: RefDataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _init_worker(worker_id: int) -> None:
+    configure_worker_process()
+    # Library RNGs in workers (augmentations use their own per-sample generator).
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class RefDataModule(L.LightningDataModule):
+    """REC/RES data for one dataset: train split, one or more val splits, one loader per test split.
+
+    Args:
+        dataset: unc, unc+, gref, gref_umd, referit, flickr, mixup_with_refc, mixup_with_refc_referit
+            or synthetic.
+        data_root: image folders (spec 6.1); for synthetic, the cache folder it is generated into.
+        split_root: split files `{split_root}/{dataset}/{dataset}_{split}.pth`; default
+            `{data_root}/splits` (where the synthetic generator writes them).
+        tokenizer: sentencepiece model path (`beit3.spm` for official weights); None for synthetic
+            uses the model generated with the data.
+        img_size, max_query_len: letterbox side S, text ids per expression (with bos/eos).
+        train_split, val_split, test_splits: split names; val_split may be a list; test_splits
+            default per dataset (records.DEFAULT_TEST_SPLITS).
+        batch_size, eval_batch_size: per device; eval_batch_size defaults to batch_size.
+        num_workers, pin_memory: DataLoader settings (workers are persistent and seeded).
+        pad_to_max_len: pad text to max_query_len (official) instead of the batch's longest.
+        seg_masks: RES object masks from COCO polygons; otherwise box rectangles.
+        augment: AugmentConfig fields (enabled, aug_crop, aug_scale, aug_translate, aug_blur,
+            color_jitter, ...).
+        bad_samples: "raise" or "skip".
+        synthetic: SyntheticConfig fields, used when dataset == "synthetic".
+        seed: base seed of sampling order and augmentations.
+        drop_last: drop the last incomplete training batch (official).
+        image_dirs: override image folders per record source (coco, referit, flickr, synthetic).
+        mean_box_samples: training records used by `mean_train_box` (None = all).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        data_root: str | Path = "data/synthetic",
+        split_root: str | Path | None = None,
+        tokenizer: str | Path | None = None,
+        img_size: int = 384,
+        max_query_len: int = 64,
+        train_split: str = "train",
+        val_split: str | Sequence[str] = "val",
+        test_splits: Sequence[str] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        pad_to_max_len: bool = False,
+        seg_masks: bool = False,
+        augment: Mapping[str, Any] | AugmentConfig | None = None,
+        bad_samples: str = "raise",
+        synthetic: Mapping[str, Any] | SyntheticConfig | None = None,
+        seed: int = 0,
+        drop_last: bool = True,
+        image_dirs: Mapping[str, str] | None = None,
+        mean_box_samples: int | None = 20000,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+        self.dataset = dataset
+        self.data_root = Path(data_root).expanduser()
+        self.split_root = Path(split_root).expanduser() if split_root else None
+        self.tokenizer_path = Path(tokenizer).expanduser() if tokenizer else None
+        self.img_size = int(img_size)
+        self.max_query_len = int(max_query_len)
+        self.train_split = train_split
+        self.val_split_names = _splits(val_split)
+        self.test_split_names = _splits(test_splits) or list(DEFAULT_TEST_SPLITS[dataset])
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.pad_to_max_len = bool(pad_to_max_len)
+        self.seg_masks = bool(seg_masks)
+        self.augment = AugmentConfig.from_any(_plain(augment))
+        self.bad_samples = bad_samples
+        self.synthetic = SyntheticConfig.from_any(_plain(synthetic)) if dataset == "synthetic" else None
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.image_dirs = dict(_plain(image_dirs) or {})
+        self.mean_box_samples = mean_box_samples
+        self._tokenizer: Tokenizer | None = None
+        self.train_set: RefDataset | None = None
+        self.val_sets: list[RefDataset] = []
+        self.test_sets: list[RefDataset] = []
+        self._loaders: dict[str, Any] = {}
+        # Plain containers only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "dataset": dataset,
+                "data_root": str(self.data_root),
+                "split_root": str(self.split_root) if self.split_root else None,
+                "tokenizer": str(self.tokenizer_path) if self.tokenizer_path else None,
+                "img_size": self.img_size,
+                "max_query_len": self.max_query_len,
+                "train_split": train_split,
+                "val_split": list(self.val_split_names),
+                "test_splits": list(self.test_split_names),
+                "batch_size": self.batch_size,
+                "eval_batch_size": self.eval_batch_size,
+                "pad_to_max_len": self.pad_to_max_len,
+                "seg_masks": self.seg_masks,
+                "augment": self.augment.as_dict(),
+                "bad_samples": bad_samples,
+                "synthetic": self.synthetic.as_dict() if self.synthetic else None,
+                "seed": self.seed,
+                "drop_last": self.drop_last,
+            }
+        )
+
+    # --- data preparation ---------------------------------------------------------------------------
+    def _ensure_synthetic(self) -> SyntheticPaths | None:
+        if self.dataset != "synthetic":
+            return None
+        return ensure_synthetic(self.data_root, self.synthetic)
+
+    def prepare_data(self) -> None:
+        """Generates the synthetic dataset if it is missing (rank 0; other datasets: nothing)."""
+        self._ensure_synthetic()
+
+    @property
+    def resolved_split_root(self) -> Path:
+        if self.split_root is not None:
+            return self.split_root
+        return self.data_root / "splits"
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            path = self.tokenizer_path
+            if path is None:
+                synth = self._ensure_synthetic()
+                if synth is None:
+                    raise ValueError(
+                        f"dataset {self.dataset!r} needs a tokenizer: set data.tokenizer to the path of "
+                        "beit3.spm (BEiT-3 release, microsoft/unilm on GitHub, beit3 README)"
+                    )
+                path = synth.tokenizer
+            self._tokenizer = Tokenizer(path, self.max_query_len)
+        return self._tokenizer
+
+    def _make(self, split: str, train: bool) -> RefDataset:
+        return RefDataset(
+            self.dataset,
+            split,
+            self.data_root,
+            self.resolved_split_root,
+            img_size=self.img_size,
+            train=train,
+            augment=self.augment,
+            seg_masks=self.seg_masks,
+            tokenizer=self.tokenizer,
+            bad_samples=self.bad_samples,
+            seed=self.seed,
+            image_dirs=self.image_dirs,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        self._ensure_synthetic()  # idempotent; covers setup() without prepare_data()
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._make(self.train_split, train=True)
+        if stage in (None, "fit", "validate") and not self.val_sets:
+            self.val_sets = [self._make(s, train=False) for s in self.val_split_names]
+        if stage in (None, "test") and not self.test_sets:
+            self.test_sets = [self._make(s, train=False) for s in self.test_split_names]
+        sizes = {
+            "train": len(self.train_set) if self.train_set else None,
+            **{f"val/{d.split}": len(d) for d in self.val_sets},
+            **{f"test/{d.split}": len(d) for d in self.test_sets},
+        }
+        log.info(
+            "%s data (stage %s): %s", self.dataset, stage, {k: v for k, v in sizes.items() if v is not None}
+        )
+
+    # --- loaders ------------------------------------------------------------------------------------
+    def _collate(self) -> RefCollate:
+        return RefCollate(self.max_query_len, self.pad_to_max_len, self.tokenizer)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        return _world()
+
+    def _loader(
+        self, ds: RefDataset, sampler: DistributedSampler, batch_size: int, drop_last: bool
+    ) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=self._collate(),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+            worker_init_fn=_init_worker if workers > 0 else None,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        world, rank = self._rank()
+        sampler = EpochSampler(self.train_set, world, rank, shuffle=True, seed=self.seed)
+        return self._loader(self.train_set, sampler, self.batch_size, self.drop_last)
+
+    def _eval_loaders(self, sets: list[RefDataset]) -> list[DataLoader]:
+        world, rank = self._rank()
+        return [self._loader(d, ShardSampler(d, world, rank), self.eval_batch_size, False) for d in sets]
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if not self.val_sets:
+            self.setup("validate")
+        loaders = self._eval_loaders(self.val_sets)
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def test_dataloader(self) -> list[DataLoader]:
+        if not self.test_sets:
+            self.setup("test")
+        return self._eval_loaders(self.test_sets)
+
+    # --- reporting ----------------------------------------------------------------------------------
+    def bad_sample_report(self) -> list[dict[str, Any]]:
+        """Skipped/unparsable sample counts per loaded split (also logged)."""
+        reports = []
+        for ds in [self.train_set, *self.val_sets, *self.test_sets]:
+            if ds is None:
+                continue
+            rep = ds.bad_sample_report()
+            reports.append(rep)
+            if rep["skipped"] or rep["unparsable"]:
+                log.warning(
+                    "%s: %d samples skipped, %d records unparsable, e.g. %s",
+                    rep["dataset"],
+                    rep["skipped"],
+                    rep["unparsable"],
+                    rep["examples"],
+                )
+        return reports
+
+    def teardown(self, stage: str) -> None:
+        self.bad_sample_report()
+
+    def mean_train_box(self) -> torch.Tensor:
+        """Mean normalised (cx, cy, w, h) training box after the evaluation letterbox.
+
+        The trivial baseline predicts it for every sample. Records without a size (ReferIt, Flickr)
+        read their image header; at most `mean_box_samples` evenly spaced records are used.
+        """
+        if self.train_set is None:
+            self.setup("fit")
+        ds = self.train_set
+        n = len(ds)
+        k = n if self.mean_box_samples is None else min(n, int(self.mean_box_samples))
+        idx = np.unique(np.linspace(0, n - 1, num=k).round().astype(np.int64))
+        boxes = []
+        for i in idx:
+            rec = ds.record(int(i))
+            if rec.size is not None:
+                h, w = rec.size
+            else:
+                try:
+                    with Image.open(ds.image_path(rec)) as im:
+                        w, h = im.size
+                except OSError:
+                    continue
+            boxes.append(letterbox_box(rec.box, h, w, self.img_size))
+        if not boxes:
+            raise ValueError(f"{ds.name}: no readable training record to average")
+        mean = np.mean(np.stack(boxes), axis=0, dtype=np.float64)
+        return torch.tensor(mean, dtype=torch.float32)
+
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch on this rank (for schedulers)."""
+        if self.train_set is None:
+            self.setup("fit")
+        world, _ = self._rank()
+        per_rank = math.ceil(len(self.train_set) / world)
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)

@@ -1,0 +1,306 @@
+"""Map-style referring-expression dataset over the official split files, and its collate function.
+
+A sample is decoded, transformed (official eval transform, or the seeded training augmentations),
+tokenised and checked here; it stays compact (the resized uint8 image and its placement).
+`RefCollate` normalises and letterboxes straight into the batch tensors of the shared batch dict:
+
+    image float32 (B,3,S,S), image_mask bool (B,S,S), text_ids int64 (B,L), text_padding_mask bool (B,L),
+    box float32 (B,4) cxcywh normalised, obj_mask bool (B,1,S,S), index int64 (B,), orig_size int64 (B,2),
+    letterbox float32 (B,3) (ratio, left, top), orig_box float32 (B,4) x1y1x2y2, phrase, image_file
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
+
+from oneref.data.records import (
+    DATASETS,
+    IMAGE_DIRS,
+    RecordStore,
+    RefRecord,
+    check_root,
+    load_records,
+    record_problem,
+)
+from oneref.data.tokenizer import PAD_ID, Tokenizer
+from oneref.data.transforms import AugmentConfig, ObjMask, TrainTransform, eval_transform
+
+log = logging.getLogger(__name__)
+
+BAD_SAMPLE_MODES = ("raise", "skip")
+# Errors that mean "this sample's data is bad" (missing/corrupt file, bad record); others are bugs.
+DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_MAX_LOGGED_BAD = 20
+_MAX_SKIP_TRIES = 100
+
+
+def configure_worker_process(pillow_blocks: int = 16) -> None:
+    """Settings for a data-loading process (called in every DataLoader worker).
+
+    Pillow returns freed image memory to the OS by default, so every decode and resize touches
+    fresh pages; keeping a few freed blocks (each at most 16 MB, reused for the next image) avoids
+    that. Torch ops in a worker stay on one thread.
+    """
+    Image.core.set_blocks_max(pillow_blocks)
+    torch.set_num_threads(1)
+
+
+class SampleError(RuntimeError):
+    """A sample that cannot be loaded, named by dataset, split, index, image and record."""
+
+
+class RefDataset(Dataset):
+    """One split of one dataset (official split files and image folders).
+
+    Args:
+        dataset: one of `records.DATASETS`.
+        split: e.g. "train", "val", "testA", "trainval".
+        data_root: folder holding the image folders (spec 6.1).
+        split_root: folder holding `{dataset}/{dataset}_{split}.pth`; default `data_root/splits`.
+        img_size: side S of the square letterbox.
+        train: draw training augmentations (`augment`) instead of the evaluation transform.
+        seg_masks: object masks from the COCO polygons (RES); otherwise the box rectangle.
+        tokenizer: tokenise the phrase per sample (ids in the sample); None leaves it to the collate.
+        bad_samples: "raise" (error naming the sample) or "skip" (use the next good sample, count it).
+        seed: base of the per-sample generator `default_rng([seed, epoch, index])`.
+        image_dirs: override the image folder of a record source ("coco", "referit", "flickr", "synthetic").
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        data_root: str | Path,
+        split_root: str | Path | None = None,
+        img_size: int = 384,
+        train: bool = False,
+        augment: AugmentConfig | Mapping[str, Any] | None = None,
+        seg_masks: bool = False,
+        tokenizer: Tokenizer | None = None,
+        bad_samples: str = "raise",
+        seed: int = 0,
+        image_dirs: Mapping[str, str | Path] | None = None,
+    ) -> None:
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+        if bad_samples not in BAD_SAMPLE_MODES:
+            raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_MODES}, got {bad_samples!r}")
+        self.dataset, self.split = dataset, split
+        self.data_root = Path(data_root)
+        self.split_root = Path(split_root) if split_root is not None else self.data_root / "splits"
+        check_root(self.data_root, "data root", self.data_root, self.split_root)
+        records, problems = load_records(self.split_root, dataset, split, bad_samples, self.data_root)
+        if not records:
+            raise ValueError(f"{dataset}/{split}: no usable records in {self.split_root / dataset}")
+        self.records = RecordStore(records)
+        self.num_unparsable = len(problems)
+        dirs = {k: self.data_root / v for k, v in IMAGE_DIRS.items()}
+        dirs.update({k: Path(v) for k, v in (image_dirs or {}).items()})
+        self.image_dirs = dirs
+        self.img_size = int(img_size)
+        self.train = bool(train)
+        self.augment = AugmentConfig.from_any(augment)
+        self.transform = TrainTransform(self.img_size, self.augment) if self.train else None
+        self.seg_masks = bool(seg_masks)
+        self.tokenizer = tokenizer
+        self.bad_samples = bad_samples
+        self.seed = int(seed)
+        # Shared with worker processes: the epoch (set by the sampler) and which samples were bad.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._bad = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
+        self._logged_bad = 0
+        log.info("%s/%s: %d samples (train=%s, seg_masks=%s)", dataset, split, len(self), train, seg_masks)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.split}"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def image_path(self, rec: RefRecord) -> Path:
+        return self.image_dirs[rec.source] / rec.image_file
+
+    def record(self, index: int) -> RefRecord:
+        return self.records[index]
+
+    # bad samples -------------------------------------------------------------------------------------
+    def bad_indices(self) -> list[int]:
+        return torch.nonzero(self._bad).flatten().tolist()
+
+    def bad_sample_report(self, max_names: int = 5) -> dict[str, Any]:
+        idx = self.bad_indices()
+        names = [f"{i}: {self.image_path(self.records[i])}" for i in idx[:max_names]]
+        return {
+            "dataset": self.name,
+            "skipped": len(idx),
+            "unparsable": self.num_unparsable,
+            "examples": names,
+        }
+
+    # loading -----------------------------------------------------------------------------------------
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not (self.bad_samples == "skip" and self._bad[index]):  # known bad: straight to a stand-in
+            try:
+                return self.load(index)
+            except DATA_ERRORS as e:
+                if self.bad_samples == "raise":
+                    raise SampleError(self._describe(index, e)) from e
+                self._mark_bad(index, e)
+        # Skip mode: the next good sample stands in, so batches keep their size.
+        for k in range(1, _MAX_SKIP_TRIES + 1):
+            j = (index + k) % len(self)
+            if self._bad[j]:
+                continue
+            try:
+                return self.load(j)
+            except DATA_ERRORS as e:
+                self._mark_bad(j, e)
+        raise SampleError(f"{self.name}: {_MAX_SKIP_TRIES} consecutive bad samples after index {index}")
+
+    def _describe(self, index: int, err: BaseException) -> str:
+        try:
+            rec = self.records[index]
+            where = f"image {self.image_path(rec)}, record {rec!r:.300}"
+        except Exception:  # the description itself must never fail
+            where = "record unavailable"
+        return f"{self.name} sample {index} ({where}): {type(err).__name__}: {err}"
+
+    def _mark_bad(self, index: int, err: BaseException) -> None:
+        if self._bad[index]:
+            return
+        self._bad[index] = 1
+        self._logged_bad += 1
+        if self._logged_bad <= _MAX_LOGGED_BAD:
+            log.warning("skipping bad sample: %s", self._describe(index, err))
+            if self._logged_bad == _MAX_LOGGED_BAD:
+                log.warning("%s: further bad samples are counted but not logged", self.name)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Load and transform one sample; raises on bad data (no skipping)."""
+        rec = self.records[index]
+        problem = record_problem(rec)
+        if problem:
+            raise ValueError(problem)
+        text_ids = None
+        if self.tokenizer is not None:
+            text_ids = np.asarray(
+                self.tokenizer.encode(rec.phrase, name=f"{self.name}[{index}]"), dtype=np.int64
+            )
+        path = self.image_path(rec)
+        with Image.open(path) as img:
+            w, h = img.size
+            mask = self._object_mask(rec, h, w)
+            box = np.asarray(rec.box, dtype=np.float32)
+            if self.transform is not None:
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                out = self.transform(img, box, mask, rec.phrase, rng)
+            else:
+                out = eval_transform(img, box, mask, self.img_size)
+        return {
+            "result": out,
+            "text_ids": text_ids,
+            "index": index,
+            "phrase": rec.phrase,
+            "image_file": rec.image_file,
+        }
+
+    def _object_mask(self, rec: RefRecord, h: int, w: int) -> ObjMask:
+        if self.seg_masks and rec.segmentation is not None:
+            mh, mw = rec.size if rec.size is not None else (h, w)
+            if (mh, mw) != (h, w):
+                raise ValueError(f"size in the record ({mw}x{mh}) differs from the image ({w}x{h})")
+            try:
+                return ObjMask.from_segmentation(rec.segmentation, h, w)
+            except Exception as e:  # pycocotools raises bare Exceptions on malformed input
+                raise ValueError(f"cannot decode the segmentation polygons: {e}") from e
+        return ObjMask.from_box_xywh(*rec.box_xywh, h, w)
+
+
+class RefCollate:
+    """Stack samples into the shared batch dict; pad text to the batch's longest or to max_query_len."""
+
+    def __init__(
+        self, max_query_len: int = 64, pad_to_max_len: bool = False, tokenizer: Tokenizer | None = None
+    ):
+        self.max_query_len = int(max_query_len)
+        self.pad_to_max_len = bool(pad_to_max_len)
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        pad_to = self.max_query_len if self.pad_to_max_len else None
+        if samples[0]["text_ids"] is None:
+            if self.tokenizer is None:
+                raise ValueError("samples carry no token ids and RefCollate has no tokenizer")
+            ids, pad = self.tokenizer.encode_batch(
+                [s["phrase"] for s in samples], pad_to=pad_to, names=[s["index"] for s in samples]
+            )
+        else:
+            ids, pad = pad_token_ids([s["text_ids"] for s in samples], pad_to)
+        results = [s["result"] for s in samples]
+        b, size = len(results), results[0].size
+        image = _batch_buffer((b, 3, size, size), torch.float32)
+        image_mask = _batch_buffer((b, size, size), torch.bool)
+        obj_mask = _batch_buffer((b, 1, size, size), torch.bool)
+        im, pm, om = image.numpy(), image_mask.numpy(), obj_mask.numpy()
+        for k, r in enumerate(results):
+            r.write(im[k], pm[k], om[k, 0])
+        return {
+            "image": image,
+            "image_mask": image_mask,
+            "text_ids": ids,
+            "text_padding_mask": pad,
+            "box": torch.from_numpy(np.stack([r.box for r in results]).astype(np.float32, copy=False)),
+            "obj_mask": obj_mask,
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+            "orig_size": torch.tensor([r.frame_size for r in results], dtype=torch.int64),
+            "letterbox": torch.tensor([r.letterbox for r in results], dtype=torch.float32),
+            "orig_box": torch.from_numpy(
+                np.stack([r.frame_box for r in results]).astype(np.float32, copy=False)
+            ),
+            "phrase": [s["phrase"] for s in samples],
+            "image_file": [s["image_file"] for s in samples],
+        }
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised batch tensor; in a DataLoader worker it lives in shared memory (as in
+    `default_collate`), so sending the batch to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(numel, device="cpu")
+    return proto.new(storage).resize_(shape)
+
+
+def pad_token_ids(rows: Sequence[np.ndarray], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id rows with the pad id: (ids int64 (B, L), padding mask bool (B, L))."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    width = int(lengths.max())
+    if pad_to is not None:
+        if pad_to < width:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest expression ({width} ids)")
+        width = int(pad_to)
+    out = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    pad = np.arange(width)[None, :] >= lengths[:, None]
+    return torch.from_numpy(out), torch.from_numpy(pad)
