@@ -130,6 +130,32 @@ def _fake_coco(root: Path, num_images: int, samples: int, size: tuple[int, int],
     return phrases
 
 
+def _fresh_memory_row(img_size: int, batch_size: int, repeats: int = 5) -> dict[str, Any]:
+    """Cost of only writing a batch's output tensors into fresh memory (what a worker's collate must
+    do for the float32 image and the masks). Page faults dominate it and vary a lot between machines
+    (expensive in small VMs), so it is reported for context."""
+    import numpy as np
+    import torch
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        image = torch.empty((batch_size, 3, img_size, img_size), dtype=torch.float32)
+        masks = torch.empty((batch_size, 2, img_size, img_size), dtype=torch.bool)
+        image.numpy()[...] = 0
+        masks.numpy()[...] = False
+        best = min(best, time.perf_counter() - t0)
+        del image, masks
+    return {
+        "bench": "data",
+        "mode": "fresh-memory write only",
+        "img_size": img_size,
+        "workers": "1 (in-process)",
+        "samples_per_s_cpu_best": batch_size / best,
+        "ms_per_sample": float(np.round(1e3 * best / batch_size, 3)),
+    }
+
+
 @subcommand("data", "training samples/s per loader worker on 640x480 JPEGs")
 def data_bench(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--img-size", type=int, default=384)
@@ -216,6 +242,8 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
             )
             log.info("%s", rows[-1])
+        rows.append(_fresh_memory_row(args.img_size, args.batch_size))
+        log.info("%s", rows[-1])
         ds = RefDataset(
             "unc",
             "train",
