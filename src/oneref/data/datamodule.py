@@ -267,7 +267,10 @@ class RefDataModule(L.LightningDataModule):
             **{f"test/{d.split}": len(d) for d in self.test_sets},
         }
         log.info(
-            "%s data (stage %s): %s", self.dataset, stage, {k: v for k, v in sizes.items() if v is not None}
+            "%s data (stage %s): %s",
+            self.dataset,
+            getattr(stage, "value", stage),
+            {k: v for k, v in sizes.items() if v is not None},
         )
 
     # --- loaders ------------------------------------------------------------------------------------
