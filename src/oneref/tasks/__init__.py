@@ -1,0 +1,1 @@
+"""Training tasks: losses, metrics and the LightningModules."""

@@ -1,0 +1,317 @@
+"""Training losses of OneRef (official ``utils/loss_utils.one_ref_loss``; spec section 4).
+
+Every function is vectorised over the batch with static shapes and no host syncs, so it runs
+unchanged under ``torch.compile`` and CUDA graphs. Normalisation follows the official code: the
+per-device batch size B (``num_boxes``), never a cross-device count.
+
+Deliberate differences from the official code, none of which changes a number:
+- GIoU is computed for the B (pred, gt) pairs only, not as a B x B matrix whose diagonal is kept,
+  and without DETR's ``x2 >= x1`` assert (a host sync).
+- The MIM cross-entropy takes logits for *all* patches and ignores the visible ones
+  (``ignore_index``), instead of gathering ``logits[masked]`` into a data-dependent shape.
+- The box-mask constraint target samples the object mask at the nearest-neighbour indices
+  directly instead of interpolating a float copy of the whole mask.
+- Losses are computed in float32 even when the model runs under bf16/fp16 autocast.
+
+One documented non-official option: ``temperature`` of the box-mask constraint (see
+:func:`box_mask_constraint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from oneref.tasks.boxes import cxcywh_to_xyxy, generalized_box_iou_pairwise
+
+FOCAL_WEIGHT = 20.0  # hard-coded in the official one_ref_loss
+DICE_WEIGHT = 2.0
+
+
+# -- boxes ---------------------------------------------------------------------------------------
+def box_l1(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> Tensor:
+    """Sum of |pred - gt| over the 4 numbers and the batch, divided by B."""
+    return F.l1_loss(pred_cxcywh, gt_cxcywh, reduction="sum") / pred_cxcywh.shape[0]
+
+
+def box_giou(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> Tensor:
+    """Sum over the batch of (1 - GIoU(pred_b, gt_b)), divided by B."""
+    giou = generalized_box_iou_pairwise(cxcywh_to_xyxy(pred_cxcywh), cxcywh_to_xyxy(gt_cxcywh))
+    return (1 - giou).sum() / pred_cxcywh.shape[0]
+
+
+# -- dense binary losses (DETR / MDETR versions) -------------------------------------------------
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """RetinaNet focal loss on (B, N) logits: mean over N per sample, summed over samples, / B."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / logits.shape[0]
+
+
+def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Soft dice on (B, N) logits with +1 smoothing: sum over samples of 1 - dice, / B."""
+    prob = logits.sigmoid()
+    numerator = 2 * (prob * targets).sum(1)
+    denominator = prob.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / logits.shape[0]
+
+
+def _nearest_indices(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    # PyTorch's 'nearest' source index: floor(dst * (in/out)) in float32, clamped. Reproduced
+    # exactly (also for ratios that are not whole numbers) so the target equals F.interpolate's.
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    idx = (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp(max=in_size - 1)
+    return idx.to(device)
+
+
+def downsample_mask_nearest(obj_mask: Tensor, grid: int) -> Tensor:
+    """(B,1,S,S) object mask -> (B, grid*grid) bool: the top-left pixel of each patch, ``> 0.5``.
+
+    Identical to the official ``F.interpolate(mask.float(), (grid, grid), mode='nearest') > 0.5``.
+    """
+    if obj_mask.dim() != 4 or obj_mask.shape[1] != 1:
+        raise ValueError(f"obj_mask must be (B,1,H,W), got {tuple(obj_mask.shape)}")
+    h, w = obj_mask.shape[-2:]
+    rows = _nearest_indices(h, grid, obj_mask.device)
+    cols = _nearest_indices(w, grid, obj_mask.device)
+    sampled = obj_mask[:, 0].index_select(1, rows).index_select(2, cols)
+    sampled = sampled if sampled.dtype == torch.bool else sampled.float() > 0.5
+    return sampled.flatten(1)
+
+
+def box_mask_constraint(
+    visu_sim: Tensor, obj_mask: Tensor, grid: int | None = None, temperature: float | None = None
+) -> dict[str, Tensor]:
+    """HiVG box-mask constraint (spec 4.2): focal x20 + dice x2 on the patch similarities.
+
+    visu_sim (B, G*G) raw cosines; obj_mask (B,1,S,S). ``temperature`` divides the logits: a
+    non-official option for training from scratch (the official uses the raw cosines, so
+    sigmoid(s) stays within [0.27, 0.73]); leave it None with official weights.
+    """
+    b, n = visu_sim.shape
+    if grid is None:
+        grid = int(round(n**0.5))
+    if grid * grid != n:
+        raise ValueError(f"visu_sim has {n} patches, which is not grid*grid for grid={grid}")
+    target = downsample_mask_nearest(obj_mask, grid).to(visu_sim.dtype)
+    logits = visu_sim if temperature is None else visu_sim / temperature
+    return {
+        "loss_mrm_focal": sigmoid_focal_loss(logits, target) * FOCAL_WEIGHT,
+        "loss_mrm_dice": dice_loss(logits, target) * DICE_WEIGHT,
+    }
+
+
+def seg_loss(seg_logits: Tensor, obj_mask: Tensor) -> dict[str, Tensor]:
+    """RES loss (spec 4.4): logits bilinearly upsampled to the mask size, focal x20 + dice x2."""
+    up = F.interpolate(seg_logits, size=obj_mask.shape[-2:], mode="bilinear", align_corners=False)
+    logits = up.flatten(1)
+    target = obj_mask.flatten(1).to(logits.dtype)
+    return {
+        "loss_seg_focal": sigmoid_focal_loss(logits, target) * FOCAL_WEIGHT,
+        "loss_seg_dice": dice_loss(logits, target) * DICE_WEIGHT,
+    }
+
+
+# -- contrastive -----------------------------------------------------------------------------------
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows (official
+    GatherLayer; public collectives only, so it runs on NCCL and gloo alike)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def _gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """All ranks' rows concatenated (gradients flow back to every rank), and this rank's index."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return _GatherWithGrad.apply(x), dist.get_rank()
+
+
+def clip_loss(vision_cls: Tensor, language_cls: Tensor, logit_scale: Tensor) -> Tensor:
+    """Official ClipLoss (open_clip): mean of the image->text and text->image cross-entropies.
+
+    ``logit_scale`` is the model's *log* scale parameter (``model.logit_scale``); it is
+    exponentiated here, as the official model does before calling ClipLoss. Under
+    torch.distributed with world > 1 the features of all ranks are gathered with gradients and
+    the labels are ``arange(B) + B * rank`` (requires the same B on every rank).
+    """
+    all_vision, rank = _gather_with_grad(vision_cls)
+    all_language, _ = _gather_with_grad(language_cls)
+    scale = logit_scale.exp()
+    logits_per_image = scale * vision_cls @ all_language.T
+    logits_per_text = scale * language_cls @ all_vision.T
+    b = vision_cls.shape[0]
+    labels = torch.arange(b, device=vision_cls.device) + b * rank
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def contrastive_loss(vision_cls: Tensor, language_cls: Tensor, logit_scale: Tensor) -> Tensor:
+    """``loss_contrastive``: :func:`clip_loss` divided once more by the batch size (official)."""
+    return clip_loss(vision_cls, language_cls, logit_scale) / vision_cls.shape[0]
+
+
+# -- MRefM -----------------------------------------------------------------------------------------
+def mim_loss(mim_logits: Tensor, codes: Tensor, masked: Tensor) -> Tensor:
+    """Mean cross-entropy over the masked patches (spec 4.5).
+
+    mim_logits (B,N,C) for every patch; codes (B,N) int64 codebook ids; masked (B,N) bool.
+    Equal to the official ``cross_entropy(logits[masked], codes[masked])`` but with static shapes.
+    A batch without any masked patch gives NaN, as the official code does.
+    """
+    target = codes.masked_fill(~masked, -100)
+    return F.cross_entropy(mim_logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
+def mim_vts_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Visual target-relation score loss: mean over (B,N) of the L1 summed over the 4 numbers."""
+    return (pred - target).abs().sum(-1).mean()
+
+
+# -- criterion -------------------------------------------------------------------------------------
+class GroundingCriterion(nn.Module):
+    """All OneRef training losses, switched by the official flags.
+
+    ``use_box_mask_constraints`` stands for the official ``--use_box_mask_constraints or
+    --enable_dynamic_mim``; ``enable_mim`` for ``--enable_ref_mim`` (the MIM terms are added only
+    when the outputs carry ``mim_logits``, i.e. on MIM steps); ``enable_mim_vts`` for
+    ``--enable_mim_vts``. ``similarity_temperature`` is the non-official temperature of the
+    box-mask constraint (None = official).
+
+    ``forward(outputs, targets, logit_scale=None)``: ``outputs`` holds the model's ``pred_box``,
+    ``visu_sim``, ``seg_mask``, ``vision_cls``, ``language_cls``, ``mim_logits``,
+    ``mim_vts_pred`` as needed; ``targets`` holds ``box`` (B,4) cxcywh, ``obj_mask`` (B,1,S,S)
+    and, for MIM, ``mim_codes`` (B,N), ``mim_mask`` (B,N) bool, ``mim_vts`` (B,N,4).
+    ``logit_scale`` (the model's log scale) is needed for the contrastive term; it may also be
+    given as ``outputs["logit_scale"]``. Returns the named terms in the official order plus
+    ``loss``, their sum. Everything is computed in float32, outside autocast.
+    """
+
+    def __init__(
+        self,
+        use_regress_box: bool = True,
+        use_box_mask_constraints: bool = True,
+        use_mask_loss: bool = False,
+        use_contrastive_loss: bool = False,
+        enable_mim: bool = False,
+        enable_mim_vts: bool = False,
+        similarity_temperature: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.use_regress_box = use_regress_box
+        self.use_box_mask_constraints = use_box_mask_constraints
+        self.use_mask_loss = use_mask_loss
+        self.use_contrastive_loss = use_contrastive_loss
+        self.enable_mim = enable_mim
+        self.enable_mim_vts = enable_mim_vts
+        self.similarity_temperature = similarity_temperature
+        if enable_mim_vts and not enable_mim:
+            raise ValueError(
+                "enable_mim_vts=True needs enable_mim=True (the VTS loss is part of the MIM step)"
+            )
+
+    def extra_repr(self) -> str:
+        flags = (
+            "use_regress_box",
+            "use_box_mask_constraints",
+            "use_mask_loss",
+            "use_contrastive_loss",
+            "enable_mim",
+            "enable_mim_vts",
+            "similarity_temperature",
+        )
+        return ", ".join(f"{f}={getattr(self, f)}" for f in flags)
+
+    @staticmethod
+    def _get(d: Mapping[str, Tensor], key: str, where: str, why: str) -> Tensor:
+        if key not in d or d[key] is None:
+            raise KeyError(f"GroundingCriterion: {where}[{key!r}] is missing but {why}; have {sorted(d)}")
+        value = d[key]
+        return value.float() if value.is_floating_point() else value
+
+    def forward(
+        self,
+        outputs: Mapping[str, Tensor],
+        targets: Mapping[str, Tensor],
+        logit_scale: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        tensors = [v for v in outputs.values() if isinstance(v, Tensor)]
+        device_type = tensors[0].device.type if tensors else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._losses(outputs, targets, logit_scale)
+
+    def _losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], logit_scale: Tensor | None
+    ) -> dict[str, Tensor]:
+        get = self._get
+        losses: dict[str, Tensor] = {}
+        if self.use_regress_box:
+            why = "use_regress_box is on"
+            pred, gt = get(outputs, "pred_box", "outputs", why), get(targets, "box", "targets", why)
+            losses["loss_bbox"] = box_l1(pred, gt)
+            losses["loss_giou"] = box_giou(pred, gt)
+        if self.use_contrastive_loss:
+            why = "use_contrastive_loss is on"
+            if logit_scale is None:
+                logit_scale = get(outputs, "logit_scale", "outputs", why + " (or pass logit_scale=)")
+            losses["loss_contrastive"] = contrastive_loss(
+                get(outputs, "vision_cls", "outputs", why),
+                get(outputs, "language_cls", "outputs", why),
+                logit_scale.float(),
+            )
+        if self.use_box_mask_constraints:
+            why = "use_box_mask_constraints is on"
+            losses.update(
+                box_mask_constraint(
+                    get(outputs, "visu_sim", "outputs", why),
+                    get(targets, "obj_mask", "targets", why),
+                    temperature=self.similarity_temperature,
+                )
+            )
+        if self.use_mask_loss:
+            why = "use_mask_loss is on (build the model with seg_head=True)"
+            losses.update(
+                seg_loss(get(outputs, "seg_mask", "outputs", why), get(targets, "obj_mask", "targets", why))
+            )
+        if self.enable_mim and outputs.get("mim_logits") is not None:
+            why = "the outputs carry mim_logits (a MIM step)"
+            losses["loss_mim"] = mim_loss(
+                get(outputs, "mim_logits", "outputs", why),
+                get(targets, "mim_codes", "targets", why),
+                get(targets, "mim_mask", "targets", why).bool(),
+            )
+            if self.enable_mim_vts:
+                why = "enable_mim_vts is on"
+                losses["loss_mim_vts"] = mim_vts_loss(
+                    get(outputs, "mim_vts_pred", "outputs", why), get(targets, "mim_vts", "targets", why)
+                )
+        if not losses:
+            raise ValueError(
+                f"GroundingCriterion({self.extra_repr()}) produced no loss term for these outputs"
+            )
+        # Summed in dict order, as the official engine does (same float rounding).
+        losses["loss"] = sum(losses.values())
+        return losses
