@@ -1,0 +1,206 @@
+"""Lightning callbacks for the grounding tasks: a panel of validation predictions.
+
+``ValidationImages`` draws, every N epochs, the first K samples of the first validation batch with
+the ground truth (green) and the prediction (red): boxes for REC, masks for RES. The panel goes to
+every image-capable logger (W&B ``log_image``, TensorBoard ``add_image``); a run with neither (for
+example CSV only) gets PNG files under ``<run folder>/val_images/``. The cost is one extra forward
+of K samples every N epochs; drawing is PIL/numpy on K small images.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from oneref.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from oneref.tasks.boxes import cxcywh_to_xyxy
+from oneref.tasks.metrics import res_pred_mask
+
+log = logging.getLogger(__name__)
+
+GT_COLOUR = (0, 220, 0)
+PRED_COLOUR = (255, 40, 40)
+CAPTION_HEIGHT = 14
+MIN_TILE = 128  # small images (the synthetic default) are enlarged to at least this side
+
+
+def denormalise(
+    images: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> np.ndarray:
+    """(B,3,H,W) normalised float -> (B,H,W,3) uint8."""
+    m = images.new_tensor(mean).view(1, 3, 1, 1)
+    s = images.new_tensor(std).view(1, 3, 1, 1)
+    pixels = ((images.float() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _enlarge(batch: np.ndarray, zoom: int) -> np.ndarray:
+    """Nearest-neighbour upscale of (B,H,W[,C]) arrays by an integer factor."""
+    return batch if zoom == 1 else batch.repeat(zoom, axis=1).repeat(zoom, axis=2)
+
+
+def _tint(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], alpha: float) -> np.ndarray:
+    out = rgb.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, dtype=np.float32)
+    return out.round().astype(np.uint8)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a binary mask (4-neighbourhood), for a crisp edge on top of the tint."""
+    m = np.pad(mask, 1)
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return mask & ~inner
+
+
+def draw_sample(
+    image: np.ndarray,
+    caption: str,
+    gt_box: np.ndarray | None = None,
+    pred_box: np.ndarray | None = None,
+    gt_mask: np.ndarray | None = None,
+    pred_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """One tile: the (H,W,3) uint8 image with boxes (xyxy pixels) or masks drawn, and a caption
+    strip underneath. Ground truth green, prediction red."""
+    rgb = image
+    for mask, colour in ((gt_mask, GT_COLOUR), (pred_mask, PRED_COLOUR)):
+        if mask is not None:
+            rgb = _tint(rgb, mask, colour, 0.35)
+            rgb = _tint(rgb, _outline(mask), colour, 1.0)
+    h, w = rgb.shape[:2]
+    tile = Image.new("RGB", (w, h + CAPTION_HEIGHT), (0, 0, 0))
+    tile.paste(Image.fromarray(rgb), (0, 0))
+    draw = ImageDraw.Draw(tile)
+    width = max(1, round(max(h, w) / 128))
+    for box, colour in ((gt_box, GT_COLOUR), (pred_box, PRED_COLOUR)):
+        if box is not None:
+            draw.rectangle([float(v) for v in box], outline=colour, width=width)
+    draw.text((2, h + 1), caption, fill=(255, 255, 255))
+    return np.asarray(tile)
+
+
+def make_grid(tiles: list[np.ndarray], columns: int = 4, gap: int = 2) -> np.ndarray:
+    """Tiles of equal size -> one (H,W,3) uint8 panel."""
+    rows = -(-len(tiles) // columns)
+    cols = min(columns, len(tiles))
+    th, tw = tiles[0].shape[:2]
+    grid = np.full((rows * th + (rows - 1) * gap, cols * tw + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = tile
+    return grid
+
+
+class ValidationImages(L.Callback):
+    """Every ``every_n_epochs`` epochs, log ``num_images`` validation samples with the ground truth
+    and the prediction drawn on them.
+
+    Args:
+        every_n_epochs: log after validation of epochs 0, N, 2N, ... (0 or None: never).
+        num_images: K, taken from the first batch of the first validation dataloader.
+        key: the name of the panel in the loggers.
+        png: ``auto`` writes PNGs only when no W&B or TensorBoard logger takes the panel;
+            ``always`` / ``never`` force it.
+        columns: tiles per row of the PNG / TensorBoard panel.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int | None = 5,
+        num_images: int = 8,
+        key: str = "val/images",
+        png: Literal["auto", "always", "never"] = "auto",
+        columns: int = 4,
+    ) -> None:
+        if png not in ("auto", "always", "never"):
+            raise ValueError(f"ValidationImages png must be 'auto', 'always' or 'never', got {png!r}")
+        if num_images < 1:
+            raise ValueError(f"ValidationImages num_images must be >= 1, got {num_images}")
+        self.every_n_epochs = int(every_n_epochs or 0)
+        self.num_images = int(num_images)
+        self.key = key
+        self.png = png
+        self.columns = int(columns)
+        self._due = False
+
+    def _is_due(self, trainer: L.Trainer) -> bool:
+        if self.every_n_epochs <= 0 or trainer.sanity_checking or trainer.fast_dev_run:
+            return False
+        return trainer.current_epoch % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._due = self._is_due(trainer)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._due or batch_idx != 0 or dataloader_idx != 0:
+            return
+        self._due = False
+        k = min(self.num_images, int(batch["image"].shape[0]))
+        sub = {key: v[:k] if isinstance(v, (Tensor, list)) else v for key, v in batch.items()}
+        # Every rank runs the forward (sharded strategies gather weights in it); rank 0 draws.
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            out = pl_module(sub)
+        if trainer.is_global_zero:
+            self._log_panel(trainer, pl_module, sub, out)
+
+    # -- drawing and logging -------------------------------------------------------------------
+    def draw(
+        self, batch: dict[str, Any], out: dict[str, Tensor], is_res: bool
+    ) -> tuple[list[np.ndarray], list[str]]:
+        images = denormalise(batch["image"])
+        size = images.shape[1:3]
+        zoom = max(1, -(-MIN_TILE // max(size)))
+        phrases = [str(p) for p in batch.get("phrase", [""] * len(images))]
+        if is_res:
+            pred = res_pred_mask(out["seg_mask"], size).cpu().numpy()
+            gt = batch["obj_mask"].reshape(len(images), *size).bool().cpu().numpy()
+            images, pred, gt = (_enlarge(a, zoom) for a in (images, pred, gt))
+            tiles = [
+                draw_sample(img, p, gt_mask=g, pred_mask=m) for img, p, g, m in zip(images, phrases, gt, pred)
+            ]
+        else:
+            images = _enlarge(images, zoom)
+            scale = zoom * torch.tensor([size[1], size[0], size[1], size[0]], dtype=torch.float32)
+            pred = (cxcywh_to_xyxy(out["pred_box"].float().cpu()).clamp(0, 1) * scale).numpy()
+            gt = (cxcywh_to_xyxy(batch["box"].float().cpu()) * scale).numpy()
+            tiles = [
+                draw_sample(img, p, gt_box=g, pred_box=b) for img, p, g, b in zip(images, phrases, gt, pred)
+            ]
+        return tiles, phrases
+
+    def _log_panel(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any], out: dict[str, Tensor]
+    ) -> None:
+        tiles, phrases = self.draw(batch, out, bool(getattr(pl_module, "is_res", "seg_mask" in out)))
+        step = trainer.global_step
+        grid = make_grid(tiles, self.columns)
+        taken = False
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=self.key, images=tiles, caption=phrases, step=step)
+                taken = True
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(self.key, grid, global_step=step, dataformats="HWC")
+                taken = True
+        if self.png == "always" or (self.png == "auto" and not taken):
+            folder = Path(trainer.default_root_dir) / "val_images"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"epoch{trainer.current_epoch:03d}_step{step:06d}.png"
+            Image.fromarray(grid).save(path)
+            log.debug("validation panel written to %s", path)

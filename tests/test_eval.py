@@ -1,0 +1,118 @@
+"""``python -m oneref.eval``: every split in one run, metric names, JSON, and the same numbers
+from our checkpoint, an official-layout .pth and a converted checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from conftest import compose_config
+from oneref.checkpoint import save_folder, to_official
+from oneref.eval import evaluate
+from oneref.tasks.grounding import GroundingModule
+from oneref.tasks.metrics import rec_box_iou
+from oneref.train import train
+
+
+@pytest.fixture(scope="module", params=["rec", "res"])
+def tiny_ckpt(request, tmp_path_factory, cache_dir) -> tuple[str, Path]:
+    """A tiny model trained for two steps; its exported best checkpoint. No temperature, so that
+    an official-layout copy (which cannot carry one) evaluates to the same numbers."""
+    task = request.param
+    out = tmp_path_factory.mktemp(f"train_{task}")
+    overrides = [
+        f"task={task}",
+        "model.similarity_temperature=null",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "test=false",
+    ]
+    cfg = compose_config("train", overrides, out, cache_dir)
+    try:
+        train(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    ckpt = Path(cfg.export_best)
+    assert ckpt.is_file()
+    return task, ckpt
+
+
+def _eval(make_cfg, tmp_path, task: str, ckpt: Path | str, *extra: str) -> dict[str, float]:
+    out = tmp_path / f"metrics_{Path(ckpt).name}.json"
+    cfg = make_cfg(f"task={task}", f"ckpt_path={ckpt}", f"output_json={out}", *extra, name="eval")
+    metrics = evaluate(cfg)
+    written = json.loads(out.read_text())
+    assert written["checkpoint"] == str(ckpt)
+    assert written["metrics"] == pytest.approx(metrics)
+    return metrics
+
+
+def test_evaluate_every_split_with_paper_metric_names(make_cfg, tmp_path, tiny_ckpt):
+    task, ckpt = tiny_ckpt
+    metrics = _eval(make_cfg, tmp_path, task, ckpt)
+    names = (
+        ["miou", "oiou", "prec@0.5", "prec@0.9", "box_acc@0.5", "box_miou"]
+        if task == "res"
+        else ["acc@0.5", "acc@0.25", "acc@0.75", "miou"]
+    )
+    for split in ("val", "test"):  # data.test_splits of the synthetic set: one dataloader each
+        for name in names:
+            assert 0 <= metrics[f"test/synthetic/{split}/{name}"] <= 1, (split, name)
+    assert all(k.startswith("test/synthetic/") for k in metrics)
+
+    # the numbers are the official metric over the whole split
+    module = GroundingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    cfg = make_cfg(f"task={task}", f"ckpt_path={ckpt}", name="eval")
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("test")
+    ious = []
+    with torch.no_grad():
+        for batch in dm.test_dataloader()[dm.test_split_names.index("test")]:
+            ious.append(rec_box_iou(module(batch)["pred_box"], batch["box"]))
+    iou = torch.cat(ious)
+    assert len(iou) == 32  # every test sample, not a limited number of batches
+    prefix = "test/synthetic/test/" + ("box_" if task == "res" else "")
+    assert metrics[prefix + "miou"] == pytest.approx(iou.mean().item(), abs=1e-6)
+    assert metrics[prefix + "acc@0.5"] == pytest.approx((iou >= 0.5).float().mean().item(), abs=1e-6)
+
+
+def test_official_layout_and_folder_give_the_same_numbers(make_cfg, tmp_path, tiny_ckpt):
+    task, ckpt = tiny_ckpt
+    ours = _eval(make_cfg, tmp_path, task, ckpt)
+
+    module = GroundingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    state_dict, cfg = module.model.state_dict(), module.model.cfg
+    official, _ = to_official(state_dict, cfg)
+    # the official file layout: weights under 'model', training state, an argparse Namespace
+    official.update(
+        optimizer={},
+        lr_scheduler={},
+        args=argparse.Namespace(model="beit3_tiny", imsize=cfg.img_size, max_query_len=20, task=task),
+        val_accu=0.0,
+    )
+    pth = tmp_path / "official_tiny.pth"
+    torch.save(official, pth)
+    from_official = _eval(
+        make_cfg, tmp_path, task, pth, "ckpt_format=official", "model.similarity_temperature=null"
+    )
+    assert from_official == ours
+
+    folder = save_folder(tmp_path / "converted", state_dict, cfg, task=task, max_query_len=20)
+    from_folder = _eval(make_cfg, tmp_path, task, folder)
+    assert from_folder == ours
+
+
+def test_wrong_format_is_a_clear_error(make_cfg, tmp_path, tiny_ckpt):
+    task, ckpt = tiny_ckpt
+    if task == "res":
+        pytest.skip("one task is enough")
+    cfg = make_cfg(f"ckpt_path={ckpt}", "ckpt_format=official", name="eval")
+    with pytest.raises(Exception, match="Lightning checkpoint"):
+        evaluate(cfg)
