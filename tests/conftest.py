@@ -44,6 +44,7 @@ def compose_config(
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
+        cfg.pop("hydra")  # as on the CLI: the job's config has no `hydra` node (HydraConfig holds it)
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir / "logs")
         cfg.paths.cache_dir = str(cache)
