@@ -11,6 +11,11 @@ Every subcommand returns rows (dicts) that are logged as a table and written as 
 Subcommands:
     data   training samples/s per loader worker at 384 px on JPEG images (decode, augment, letterbox,
            mask, tokenise, collate), on synthetic 640x480 JPEGs in a temporary folder.
+    model  REC training steps (forward, loss, backward, AdamW) per second and peak memory, ours
+           (bf16 autocast on CUDA, text padded to the batch's longest, fused attention, fused AdamW,
+           optional compile and activation checkpointing) against the official numerics mode (fp32,
+           text padded to 64, the math attention kernel, unfused AdamW).
+    all    data, then model.
 """
 
 from __future__ import annotations
@@ -288,6 +293,172 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             del it, dl
     return rows
+
+
+# --- model ------------------------------------------------------------------------------------------
+@subcommand("model", "REC training-step throughput and peak memory, ours vs the official numerics")
+def model_bench(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument(
+        "--sizes", nargs="+", default=None, help="model sizes (default: base large on CUDA, tiny base on CPU)"
+    )
+    p.add_argument("--img-size", type=int, default=None, help="default 384 (tiny: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA (large: 16), 8 on CPU")
+    p.add_argument("--text-len", type=int, default=20, help="longest expression in the batch (ids)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["official", "ours"],
+        choices=["official", "ours", "ours_compile", "ours_ckpt"],
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return run_model_bench
+
+
+def _model_step_fn(size: str, img_size: int, mode: str, device: Any) -> tuple[Any, Callable[[dict], Any]]:
+    import torch
+
+    from oneref.models.registry import create_model
+    from oneref.tasks.losses import GroundingCriterion
+
+    torch.manual_seed(0)
+    extra = {"patch_size": 8, "depth": 3} if size == "tiny" else {}
+    model = create_model(size, img_size=img_size, **extra).to(device)
+    if mode == "ours_ckpt":
+        model.set_grad_checkpointing(True)
+    if mode == "ours_compile":
+        for layer in model.beit3.encoder.layers:
+            layer.compile()
+    cuda = device.type == "cuda"
+    fused = cuda and mode != "official"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
+    criterion = GroundingCriterion(use_regress_box=True, use_box_mask_constraints=True)
+    bf16 = cuda and mode != "official"
+
+    def step(batch: dict) -> Any:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if mode == "official":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel(SDPBackend.MATH):
+                    out = model(batch["image"], batch["text_ids"], batch["text_padding_mask"])
+            else:
+                out = model(batch["image"], batch["text_ids"], batch["text_padding_mask"])
+        loss = criterion(out, batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def _model_batch(b: int, img_size: int, text_len: int, pad_to: int | None, device: Any) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = max(text_len, pad_to or 0)
+    lengths = torch.randint(max(3, text_len // 2), text_len + 1, (b,), generator=g)
+    lengths[0] = text_len
+    ids = torch.randint(4, 1000, (b, n), generator=g)
+    ids[:, 0] = 0
+    pad = torch.arange(n)[None] >= lengths[:, None]
+    ids[pad] = 1
+    cxcy = torch.rand(b, 2, generator=g) * 0.5 + 0.25
+    wh = torch.rand(b, 2, generator=g) * 0.3 + 0.1
+    obj = torch.zeros(b, 1, img_size, img_size, dtype=torch.bool)
+    for k in range(b):  # benchmark setup only, outside the timed region
+        x0, y0 = ((cxcy[k] - wh[k] / 2) * img_size).long().tolist()
+        x1, y1 = ((cxcy[k] + wh[k] / 2) * img_size).long().tolist()
+        obj[k, 0, y0:y1, x0:x1] = True
+    batch = {
+        "image": torch.randn(b, 3, img_size, img_size, generator=g),
+        "text_ids": ids,
+        "text_padding_mask": pad,
+        "box": torch.cat([cxcy, wh], 1),
+        "obj_mask": obj,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_model_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    cuda = device.type == "cuda"
+    sizes = args.sizes or (["base", "large"] if cuda else ["tiny", "base"])
+    rows = []
+    for size in sizes:
+        img = args.img_size or (64 if size == "tiny" else 384)
+        b = args.batch_size or ((16 if size == "large" else 32) if cuda else 8)
+        for mode in args.modes:
+            pad_to = 64 if mode == "official" else None
+            try:
+                model, step = _model_step_fn(size, img, mode, device)
+                batch = _model_batch(b, img, args.text_len, pad_to, device)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                for _ in range(args.warmup):
+                    step(batch)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    loss = step(batch)
+                float(loss)  # waits for the device
+                wall = time.perf_counter() - t0
+            except torch.OutOfMemoryError:
+                rows.append(
+                    {"size": size, "img_size": img, "batch": b, "mode": mode, "error": "out of memory"}
+                )
+                torch.cuda.empty_cache()
+                continue
+            row = {
+                "size": size,
+                "img_size": img,
+                "batch": b,
+                "text_ids": batch["text_ids"].shape[1],
+                "mode": mode,
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "ms_per_step": 1000 * wall / args.steps,
+                "samples_per_s": b * args.steps / wall,
+            }
+            if cuda:
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            else:
+                row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            rows.append(row)
+            log.info("%s", row)
+            del model, step, batch
+            if cuda:
+                torch.cuda.empty_cache()
+    base = {
+        (r["size"], r["img_size"]): r["samples_per_s"]
+        for r in rows
+        if r.get("mode") == "official" and "samples_per_s" in r
+    }
+    for r in rows:
+        ref = base.get((r["size"], r["img_size"]))
+        if ref and "samples_per_s" in r:
+            r["speedup_vs_official"] = r["samples_per_s"] / ref
+    return rows
+
+
+@subcommand("all", "data, then model")
+def all_bench(p: argparse.ArgumentParser) -> Runner:
+    data_defaults = argparse.ArgumentParser()
+    data_bench(data_defaults)
+    model_defaults = argparse.ArgumentParser()
+    model_bench(model_defaults)
+
+    def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+        rows = [{"bench": "data", **r} for r in run_data_bench(data_defaults.parse_args([]))]
+        return rows + [{"bench": "model", **r} for r in run_model_bench(model_defaults.parse_args([]))]
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

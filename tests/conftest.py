@@ -35,9 +35,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("oneref-cache")
 
 
-def compose_config(
-    name: str, overrides: list[str], output_dir: Path, cache: Path
-) -> DictConfig:
+def compose_config(name: str, overrides: list[str], output_dir: Path, cache: Path) -> DictConfig:
     """Compose conf/<name>.yaml like the CLI does, then shrink it for a 2-core CPU."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

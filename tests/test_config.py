@@ -39,7 +39,17 @@ def test_rec_mixup_large_is_the_official_recipe(make_cfg):
 
 
 @pytest.mark.parametrize(
-    "data", ["refcoco", "refcoco_plus", "refcocog_umd", "refcocog_google", "referit", "flickr", "mixup_refc", "mixup_refc_referit"]
+    "data",
+    [
+        "refcoco",
+        "refcoco_plus",
+        "refcocog_umd",
+        "refcocog_google",
+        "referit",
+        "flickr",
+        "mixup_refc",
+        "mixup_refc_referit",
+    ],
 )
 def test_every_dataset_composes(make_cfg, data):
     cfg = make_cfg(f"data={data}", "model=base")
@@ -63,7 +73,9 @@ def test_eval_config_requires_checkpoint(make_cfg):
 def test_cli_cfg_job_composes():
     out = subprocess.run(
         [sys.executable, "-m", "oneref.train", "task=rec_mixup", "model=large", "--cfg", "job"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert "mixup_with_refc" in out.stdout and "size: large" in out.stdout

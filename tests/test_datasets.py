@@ -212,6 +212,27 @@ def test_trainval_padding_and_epochs(fake_root: dict[str, Path]) -> None:
     torch.testing.assert_close(dm.mean_train_box(), torch.tensor(np.mean(boxes, 0), dtype=torch.float32))
 
 
+def test_cache_samples_serves_the_same_samples_without_decoding(
+    fake_root: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = dict(data_root=fake_root["data"], split_root=fake_root["splits"], img_size=64)
+    with pytest.raises(ValueError, match="augmentation is on"):
+        RefDataset("unc", "train", train=True, cache_samples=True, **common)
+    plain = RefDataset("unc", "val", **common)
+    cached = RefDataset("unc", "val", cache_samples=True, **common)
+    first = [cached[i] for i in range(len(cached))]
+    # a second pass reads nothing from disk
+    monkeypatch.setattr("oneref.data.datasets.Image.open", lambda *a, **k: pytest.fail("decoded again"))
+    for i, sample in enumerate(first):
+        assert cached[i] is sample
+    monkeypatch.undo()
+    for i in range(len(plain)):
+        a, b = plain[i]["result"], cached[i]["result"]
+        assert torch.equal(a.image(), b.image()) and torch.equal(a.obj_mask(), b.obj_mask())
+    train = RefDataset("unc", "train", train=True, augment={"enabled": False}, cache_samples=True, **common)
+    assert train[0] is train[0]
+
+
 def test_missing_root_and_split_file(fake_root: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="data root not found") as err:
         _dm(fake_root, "unc", data_root=tmp_path / "nowhere").setup("fit")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -398,9 +399,16 @@ def test_clip_loss_gathers_across_ranks_with_gradients() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         # spawn, not fork: forking after torch has run its OpenMP pool can deadlock the children.
-        mp.start_processes(
-            _ddp_worker, args=(2, f"{tmp}/init", tmp), nprocs=2, join=True, start_method="spawn"
+        ctx = mp.start_processes(
+            _ddp_worker, args=(2, f"{tmp}/init", tmp), nprocs=2, join=False, start_method="spawn"
         )
+        # a stuck rendezvous must fail the test, never hang the suite
+        deadline = time.monotonic() + 300
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail("the 2-process gloo group did not finish within 300 s")
         results = [torch.load(f"{tmp}/rank{r}.pt") for r in range(2)]
 
     gen = torch.Generator().manual_seed(0)

@@ -156,6 +156,11 @@ def test_hydra_multirun_writes_one_subfolder_per_job(tmp_path, cache_dir):
     for job in jobs:
         last = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
         assert last["global_step"] == 3  # 96 samples / 32 per batch, one epoch (debug=default)
+    # each job exports its own best checkpoint, named after its job number
+    exported = sorted(p.name for p in (tmp_path / "logs" / "rec_tiny_synthetic").glob("best*.ckpt"))
+    assert exported == ["best.job0.ckpt", "best.job1.ckpt"]
+    arch = torch.load(tmp_path / "logs" / "rec_tiny_synthetic" / "best.job0.ckpt", weights_only=True)
+    assert arch["hyper_parameters"]["architecture"]["embed_dim"] == 128
 
 
 def test_res_fast_run(make_cfg, tmp_path):
@@ -167,7 +172,8 @@ def test_res_fast_run(make_cfg, tmp_path):
         prefix = f"test/synthetic/{split}"
         for name in ("miou", "oiou", "prec@0.5", "prec@0.9", "box_acc@0.5"):
             assert 0 <= metrics[f"{prefix}/{name}"] <= 1, name
-    assert "val/miou" in metrics and "val/oiou" in metrics
+    assert "val/miou" in metrics and "val/oiou" in metrics and "val/box_acc@0.5" in metrics
+    assert not any("box_val" in k for k in metrics)
     assert not any(k.startswith("baseline/") for k in metrics)  # the mean-box baseline is REC only
     assert len(list((tmp_path / "val_images").glob("*.png"))) == 1  # the mask panel
 

@@ -73,8 +73,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         Console().print(results_table(metrics, str(cfg.data.dataset)))
         out = Path(cfg.get("output_json") or Path(cfg.paths.output_dir) / "metrics.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": str(cfg.ckpt_path), "metrics": metrics,
-                                   "config": to_container(cfg)}, indent=2, default=str))
+        out.write_text(
+            json.dumps(
+                {"checkpoint": str(cfg.ckpt_path), "metrics": metrics, "config": to_container(cfg)},
+                indent=2,
+                default=str,
+            )
+        )
         log.info("metrics written to %s", out)
     return metrics
 

@@ -62,6 +62,22 @@ def init_weights(module: GroundingModule, source: str, source_format: str | None
     log.info("initialised from %s\n%s", source, report)
 
 
+def export_path(dest: str | Path) -> Path:
+    """``dest``, or ``<dest stem>.job<N><suffix>`` inside a Hydra multirun, so jobs of a sweep do
+    not overwrite each other's export."""
+    dest = Path(dest)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return dest.with_name(f"{dest.stem}.job{hc.job.num}{dest.suffix}")
+    except ValueError:  # not running under @hydra.main
+        pass
+    return dest
+
+
 def export_best(ckpt: str, dest: Path) -> None:
     """Copy the best checkpoint to a stable path that a later stage's ``init_from`` names."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +105,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best if best and Path(best).is_file() else None
         if ckpt and cfg.get("export_best") and trainer.is_global_zero:
-            export_best(ckpt, Path(cfg.export_best))
+            export_best(ckpt, export_path(cfg.export_best))
         if cfg.get("test", True):
             if cfg.get("train", True) and ckpt is None:
                 log.warning("no best checkpoint was saved; testing the weights in memory")

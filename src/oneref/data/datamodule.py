@@ -125,6 +125,7 @@ class RefDataModule(L.LightningDataModule):
         drop_last: drop the last incomplete training batch (official).
         image_dirs: override image folders per record source (coco, referit, flickr, synthetic).
         mean_box_samples: training records used by `mean_train_box` (None = all).
+        cache_samples: keep loaded samples in memory (RefDataset; deterministic samples only).
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class RefDataModule(L.LightningDataModule):
         drop_last: bool = True,
         image_dirs: Mapping[str, str] | None = None,
         mean_box_samples: int | None = 20000,
+        cache_samples: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -177,6 +179,7 @@ class RefDataModule(L.LightningDataModule):
         self.drop_last = bool(drop_last)
         self.image_dirs = dict(_plain(image_dirs) or {})
         self.mean_box_samples = mean_box_samples
+        self.cache_samples = bool(cache_samples)
         self._tokenizer: Tokenizer | None = None
         self.train_set: RefDataset | None = None
         self.val_sets: list[RefDataset] = []
@@ -251,6 +254,7 @@ class RefDataModule(L.LightningDataModule):
             bad_samples=self.bad_samples,
             seed=self.seed,
             image_dirs=self.image_dirs,
+            cache_samples=self.cache_samples,
         )
 
     def setup(self, stage: str | None = None) -> None:

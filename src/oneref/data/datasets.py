@@ -73,6 +73,10 @@ class RefDataset(Dataset):
         bad_samples: "raise" (error naming the sample) or "skip" (use the next good sample, count it).
         seed: base of the per-sample generator `default_rng([seed, epoch, index])`.
         image_dirs: override the image folder of a record source ("coco", "referit", "flickr", "synthetic").
+        cache_samples: keep every loaded sample (the resized uint8 image, mask and ids) in memory, so
+            later epochs decode nothing. Needs deterministic samples (evaluation, or training with
+            augmentation off); meant for small datasets such as the synthetic default. Each process
+            (main or loader worker) holds its own cache.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class RefDataset(Dataset):
         bad_samples: str = "raise",
         seed: int = 0,
         image_dirs: Mapping[str, str | Path] | None = None,
+        cache_samples: bool = False,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
@@ -110,6 +115,13 @@ class RefDataset(Dataset):
         self.train = bool(train)
         self.augment = AugmentConfig.from_any(augment)
         self.transform = TrainTransform(self.img_size, self.augment) if self.train else None
+        self.cache_samples = bool(cache_samples)
+        if self.cache_samples and self.train and self.augment.enabled:
+            raise ValueError(
+                f"{dataset}/{split}: cache_samples needs the same sample every epoch, but training "
+                "augmentation is on; set data.augment.enabled=false or data.cache_samples=false"
+            )
+        self._cache: dict[int, dict[str, Any]] = {}
         self.seg_masks = bool(seg_masks)
         self.tokenizer = tokenizer
         self.bad_samples = bad_samples
@@ -195,6 +207,14 @@ class RefDataset(Dataset):
 
     def load(self, index: int) -> dict[str, Any]:
         """Load and transform one sample; raises on bad data (no skipping)."""
+        if self.cache_samples:
+            sample = self._cache.get(index)
+            if sample is None:
+                sample = self._cache[index] = self._load(index)
+            return sample
+        return self._load(index)
+
+    def _load(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
         problem = record_problem(rec)
         if problem:

@@ -168,9 +168,7 @@ class EncoderLayer(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, v: Tensor, t: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        av, at = self.self_attn(
-            self.self_attn_layer_norm.A(v), self.self_attn_layer_norm.B(t), attn_mask
-        )
+        av, at = self.self_attn(self.self_attn_layer_norm.A(v), self.self_attn_layer_norm.B(t), attn_mask)
         scale = self.drop_path.keep_scale(v)
         if scale is not None:
             av, at = av * scale, at * scale
@@ -187,7 +185,11 @@ class Encoder(nn.Module):
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
         self.embed_positions = PositionEmbeddings(cfg)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist() if cfg.depth > 1 else [0.0]
+        rates = (
+            torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
+            if cfg.depth > 1
+            else [0.0]
+        )
         self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
         self.layer_norm = Multiway(lambda: nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
 
@@ -207,12 +209,18 @@ class BEiT3(nn.Module):
         self.grad_checkpointing = enable
 
     def embed(
-        self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor, masked_position: Tensor | None = None
+        self,
+        image: Tensor,
+        text_ids: Tensor,
+        text_padding_mask: Tensor,
+        masked_position: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Token embeddings plus positions; padded text rows zeroed (official order)."""
         n_text = text_ids.shape[1]
         if n_text > self.cfg.max_source_positions - POSITION_OFFSET:
-            raise ValueError(f"{n_text} text tokens exceed the {self.cfg.max_source_positions}-row text table")
+            raise ValueError(
+                f"{n_text} text tokens exceed the {self.cfg.max_source_positions}-row text table"
+            )
         v = self.vision_embed(image, masked_position)
         t = self.text_embed(text_ids)
         pos = self.encoder.embed_positions
@@ -276,3 +284,32 @@ def init_backbone(backbone: BEiT3) -> None:
         nn.init.normal_(table.weight, std=d**-0.5)
     fan_in = backbone.vision_embed.proj.in_channels * backbone.cfg.patch_size**2
     nn.init.uniform_(backbone.vision_embed.proj.weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """(grid*grid, dim) 2-D sine-cosine position code (MAE), row-major: the first half of the
+    channels encodes the row, the second the column; each half is [sin | cos] over ``dim/4``
+    frequencies 1/10000^(k/(dim/4))."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def code(pos: Tensor) -> Tensor:
+        angle = pos.flatten()[:, None] * freqs[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([code(rows), code(cols)], dim=1).float()
+
+
+def init_vision_positions_sincos(backbone: BEiT3) -> None:
+    """Patch rows of the vision position table <- sincos_2d, the cls row <- 0 (the table stays
+    learned). Non-official: gives a model trained from scratch usable positions from step 0."""
+    cfg = backbone.cfg
+    table = backbone.encoder.embed_positions.A.weight
+    with torch.no_grad():
+        table[POSITION_OFFSET].zero_()
+        table[POSITION_OFFSET + 1 : POSITION_OFFSET + 1 + cfg.num_patches] = sincos_2d(
+            cfg.grid_size, cfg.embed_dim
+        )

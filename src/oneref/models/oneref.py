@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oneref.models.beit3 import BEiT3, BEiT3Config, init_backbone, init_official
+from oneref.models.beit3 import BEiT3, BEiT3Config, init_backbone, init_official, init_vision_positions_sincos
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,14 @@ class OneRefConfig(BEiT3Config):
     # constraint). None = official (raw cosines). Only for training from scratch: leave it
     # unset whenever official weights are loaded.
     similarity_temperature: float | None = None
+    # Initial vision position table: "normal" (official BEiT-3 init) or "sincos" (2-D sine-cosine
+    # patch positions, still learned). Only matters from scratch; loaded weights overwrite it.
+    position_init: str = "normal"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.position_init not in ("normal", "sincos"):
+            raise ValueError(f"position_init must be 'normal' or 'sincos', got {self.position_init!r}")
 
     @property
     def backbone(self) -> BEiT3Config:
@@ -96,6 +104,8 @@ class OneRef(nn.Module):
 
     def reset_parameters(self) -> None:
         init_backbone(self.beit3)
+        if self.cfg.position_init == "sincos":
+            init_vision_positions_sincos(self.beit3)
         for head in ("language_head", "vision_head", "mim_head", "mlm_head"):
             if hasattr(self, head):
                 init_official(getattr(self, head))

@@ -42,6 +42,7 @@ class GroundingModule(L.LightningModule):
             ``val_images_every_n_epochs``.
         optim: see conf/optim/adamw.yaml.
         dataset: dataset name, used in test metric names.
+        architecture: ignored on input; saved as the resolved OneRefConfig (for load_model).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class GroundingModule(L.LightningModule):
         task: dict[str, Any],
         optim: dict[str, Any],
         dataset: str = "data",
+        architecture: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -59,6 +61,8 @@ class GroundingModule(L.LightningModule):
         self.is_res = name == "res"
         self.dataset_name = dataset
         self.model = build_model(model, seg_head=self.is_res)
+        # The resolved OneRefConfig, so that load_model() rebuilds the model from a .ckpt alone.
+        self.hparams["architecture"] = self.model.cfg.to_dict()
         if model.get("grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
         losses = dict(task.get("losses", {}))
@@ -131,11 +135,12 @@ class GroundingModule(L.LightningModule):
             self.val_res.update(out["seg_mask"], batch["obj_mask"])
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {f"val/{k}": v for k, v in self.val_rec.compute().items()}
+        # RES runs report the box metrics too, as val/box_acc@0.5 etc. (the mask metrics own val/).
+        box_prefix = "val/box_" if self.val_res is not None else "val/"
+        metrics = {f"{box_prefix}{k}": v for k, v in self.val_rec.compute().items()}
         self.val_rec.reset()
         if self.val_res is not None:
-            box = {f"val/box_{k}": v for k, v in metrics.items()}
-            metrics = {**box, **{f"val/{k}": v for k, v in self.val_res.compute().items()}}
+            metrics.update({f"val/{k}": v for k, v in self.val_res.compute().items()})
             self.val_res.reset()
         self.log_dict(metrics, prog_bar=True)
 
@@ -166,7 +171,9 @@ class GroundingModule(L.LightningModule):
                 metric.reset()
         self.log_dict(metrics, add_dataloader_idx=False)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
         out = self(batch)
         keep = {"pred_box": out["pred_box"]}
         if "seg_mask" in out:
@@ -200,7 +207,11 @@ class GroundingModule(L.LightningModule):
             g["lr"] = lr * g["lr_scale"]
         fused = bool(cfg.get("fused", True)) and self.device.type == "cuda"
         opt = torch.optim.AdamW(
-            groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)), fused=fused
+            groups,
+            lr=lr,
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            eps=float(cfg.get("eps", 1e-8)),
+            fused=fused,
         )
         sched = dict(cfg.get("scheduler") or {})
         interval = sched.get("interval", "epoch")
@@ -210,7 +221,10 @@ class GroundingModule(L.LightningModule):
         if interval == "epoch" and (total is None or total < 0):
             raise ValueError("an epoch-stepped schedule needs trainer.max_epochs >= 1")
         factor = schedule_factor(
-            sched.get("name", "cosine"), int(total), int(sched.get("warmup_steps", 0)), float(sched.get("min_lr_ratio", 0.0))
+            sched.get("name", "cosine"),
+            int(total),
+            int(sched.get("warmup_steps", 0)),
+            float(sched.get("min_lr_ratio", 0.0)),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
