@@ -83,7 +83,7 @@ def test_evaluate_every_split_with_paper_metric_names(make_cfg, tmp_path, tiny_c
     assert metrics[prefix + "acc@0.5"] == pytest.approx((iou >= 0.5).float().mean().item(), abs=1e-6)
 
 
-def test_official_layout_and_folder_give_the_same_numbers(make_cfg, tmp_path, tiny_ckpt):
+def test_official_layout_and_folder_give_the_same_numbers(make_cfg, tmp_path, tiny_ckpt, one_thread):
     task, ckpt = tiny_ckpt
     ours = _eval(make_cfg, tmp_path, task, ckpt)
 

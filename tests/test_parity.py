@@ -35,15 +35,6 @@ TRAIN_NOMIM = {"pred_box", "visu_token_similarity", "seg_mask"} | {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """The golden was computed with one thread; restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_golden_config_reads_the_architecture() -> None:
     cfg = golden_config(GOLDEN)
     assert (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.ffn_dim, cfg.img_size) == (64, 4, 2, 256, 64)

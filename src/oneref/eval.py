@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -37,10 +37,28 @@ def load_module(cfg: DictConfig) -> GroundingModule:
         return module
     from oneref.checkpoint import load_pretrained
 
+    if Path(path).is_dir():
+        use_folder_architecture(cfg, path)
     module = build_module(cfg)
     report = load_pretrained(module.model, path, source_format=cfg.get("ckpt_format"))
     log.info("loaded %s\n%s", path, report)
     return module
+
+
+def use_folder_architecture(cfg: DictConfig, path: str) -> None:
+    """A checkpoint folder describes its own model: its architecture (config.yaml) replaces the
+    composed ``model`` fields (the similarity temperature included), so that what is evaluated is
+    what was saved. The heads still follow ``task``."""
+    from oneref.checkpoint import read_folder
+
+    arch = read_folder(path).cfg.to_dict()
+    arch.pop("seg_head", None)
+    changed = {k: (cfg.model.get(k), v) for k, v in arch.items() if cfg.model.get(k) != v}
+    if changed:
+        log.info("architecture from %s (composed -> folder): %s", path, changed)
+    with open_dict(cfg):
+        for k, v in arch.items():
+            cfg.model[k] = v
 
 
 def results_table(metrics: dict[str, float], dataset: str) -> Table:
