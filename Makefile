@@ -14,7 +14,7 @@ install: ## install oneref with its runtime dependencies (editable)
 install-dev: ## install oneref with test and lint tools (editable)
 	$(PYTHON) -m pip install -e ".[dev]"
 
-demo: install ## train the tiny model on the embedded synthetic dataset (CPU ok, ~15 min)
+demo: install ## train the tiny model on the embedded synthetic dataset (2-core CPU: ~10 min)
 	$(PYTHON) -m oneref.train
 
 train: demo ## alias of demo

@@ -1,0 +1,203 @@
+"""Run a model on your own images and expressions:
+
+    python -m oneref.predict ckpt_path=CKPT image=photo.jpg "text='the man in red on the left'"
+    python -m oneref.predict ckpt_path=CKPT inputs=queries.jsonl     # {"image": ..., "text": ...} per line
+    python -m oneref.predict ckpt_path=OneRef_B_refcoco.pth ckpt_format=official model=base \
+        tokenizer=beit3.spm image=photo.jpg "text='the dog'"
+
+ckpt_path is one of our .ckpt files, a converted checkpoint folder or an official .pth (as for
+``oneref.eval``). Each image goes through the official evaluation transform; the box (REC) is
+mapped back to the image's own pixels, and the mask (RES) is cut out of the letterbox and resized
+to the image. Writes ``predictions.json`` and, with ``draw=true``, one PNG per query (prediction
+in red) to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from oneref.config import config_dir
+from oneref.data.tokenizer import Tokenizer
+from oneref.data.transforms import ObjMask, eval_transform
+from oneref.tasks.boxes import cxcywh_to_xyxy, letterbox_to_original
+from oneref.tasks.callbacks import draw_sample
+from oneref.tasks.metrics import res_pred_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Query:
+    image: Path
+    text: str
+
+
+def read_queries(cfg: DictConfig) -> list[Query]:
+    """``image`` + ``text``, or ``inputs``: a JSON-lines file of {"image", "text"} (relative image
+    paths are relative to the file)."""
+    if cfg.get("inputs"):
+        path = Path(str(cfg.inputs)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"inputs file not found: {path} (JSON lines: {{'image': ..., 'text': ...}})"
+            )
+        queries = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image, text = row["image"], row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'image' and 'text' ({e})") from e
+            image = Path(image).expanduser()
+            queries.append(Query(image if image.is_absolute() else path.parent / image, str(text)))
+        if not queries:
+            raise ValueError(f"{path} holds no queries")
+    elif cfg.get("image") is not None and cfg.get("text") is not None:
+        queries = [Query(Path(str(cfg.image)).expanduser(), str(cfg.text))]
+    else:
+        raise ValueError("give image=PATH and text='...' or inputs=FILE.jsonl")
+    for i, q in enumerate(queries):
+        if not q.text.strip():
+            raise ValueError(f"query {i} ({q.image}): the expression is empty")
+        if not q.image.is_file():
+            raise FileNotFoundError(f"query {i}: image not found: {q.image}")
+    return queries
+
+
+def resolve_tokenizer(cfg: DictConfig) -> Tokenizer:
+    """``tokenizer=`` if given, else the checkpoint folder's, else the data config's (the
+    synthetic dataset's own model for data=synthetic)."""
+    max_len = int(cfg.data.max_query_len)
+    if cfg.get("tokenizer"):
+        return Tokenizer(Path(str(cfg.tokenizer)).expanduser(), max_len)
+    path = Path(str(cfg.ckpt_path))
+    if path.is_dir():
+        from oneref.checkpoint import read_folder
+
+        folder = read_folder(path)
+        if folder.tokenizer is not None:
+            return Tokenizer(folder.tokenizer, int(folder.preprocessing.get("max_query_len", max_len)))
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    return datamodule.tokenizer
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+@torch.no_grad()
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    from oneref.eval import load_module
+
+    queries = read_queries(cfg)
+    module = load_module(cfg)
+    model = module.model
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.get("device", "auto") == "auto"
+        else cfg.device
+    )
+    model.to(device).eval()
+    tokenizer = resolve_tokenizer(cfg)
+    size = model.cfg.img_size
+    bf16 = device.type == "cuda" and cfg.get("precision", "auto") in ("auto", "bf16")
+    out_dir = Path(str(cfg.output_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    bs = int(cfg.get("batch_size", 16))
+    for start in range(0, len(queries), bs):
+        chunk = queries[start : start + bs]
+        images = [load_image(q.image) for q in chunk]
+        # no ground truth: an empty box and mask ride along through the transform
+        results = [
+            eval_transform(
+                img,
+                np.zeros(4, np.float32),
+                ObjMask(rows=np.zeros(img.height, bool), cols=np.zeros(img.width, bool)),
+                size,
+            )
+            for img in images
+        ]
+        batch = torch.empty(len(chunk), 3, size, size)
+        pad_mask = np.empty((len(chunk), size, size), dtype=bool)
+        scratch = np.empty((size, size), dtype=bool)
+        for k, r in enumerate(results):
+            r.write(batch[k].numpy(), pad_mask[k], scratch)
+        ids, pad = tokenizer.encode_batch([q.text for q in chunk], names=[str(q.image) for q in chunk])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(batch.to(device), ids.to(device), pad.to(device))
+        letterbox = torch.tensor([r.letterbox for r in results], dtype=torch.float32)
+        orig_size = torch.tensor([[img.height, img.width] for img in images], dtype=torch.float32)
+        boxes = letterbox_to_original(
+            cxcywh_to_xyxy(out["pred_box"].float().cpu()) * size, letterbox, orig_size
+        )
+        masks = None
+        if "seg_mask" in out:
+            masks = res_pred_mask(out["seg_mask"].float().cpu(), (size, size))
+        for k, (q, img, r) in enumerate(zip(chunk, images, results)):
+            row: dict[str, Any] = {
+                "image": str(q.image),
+                "text": q.text,
+                "box_xyxy": [round(float(v), 2) for v in boxes[k]],
+            }
+            mask = None
+            if masks is not None:
+                top, left = r.top, r.left
+                h, w = r.pixels.shape[:2]
+                crop = masks[k, top : top + h, left : left + w][None, None].float()
+                mask = F.interpolate(crop, size=(img.height, img.width), mode="nearest")[0, 0].bool().numpy()
+                row["mask_area"] = int(mask.sum())
+                mask_file = out_dir / f"mask_{start + k:05d}.png"
+                Image.fromarray(mask.astype(np.uint8) * 255).save(mask_file)
+                row["mask_png"] = str(mask_file)
+            if cfg.get("draw", True):
+                tile = draw_sample(
+                    np.asarray(img),
+                    q.text,
+                    pred_box=None if mask is not None else boxes[k].numpy(),
+                    pred_mask=mask,
+                )
+                drawn = out_dir / f"pred_{start + k:05d}.png"
+                Image.fromarray(tile).save(drawn)
+                row["drawn"] = str(drawn)
+            rows.append(row)
+    (out_dir / "predictions.json").write_text(json.dumps(rows, indent=1))
+    log.info("%d predictions written to %s", len(rows), out_dir / "predictions.json")
+    return rows
+
+
+def print_predictions(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="predictions")
+    for col in ("image", "text", "box x1,y1,x2,y2"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(Path(r["image"]).name, r["text"], ", ".join(f"{v:.1f}" for v in r["box_xyxy"]))
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    print_predictions(predict(cfg))
+
+
+if __name__ == "__main__":
+    main()

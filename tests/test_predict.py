@@ -1,0 +1,171 @@
+"""`python -m oneref.predict`: our own images and expressions through a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from conftest import compose_config
+from oneref.checkpoint import save_folder
+from oneref.predict import predict
+from oneref.tasks.grounding import GroundingModule
+from oneref.train import train
+
+
+@pytest.fixture(scope="module", params=["rec", "res"])
+def trained(request, tmp_path_factory, cache_dir) -> tuple[str, Path, Path]:
+    """A tiny model trained for two steps, and two images of other sizes than the training ones."""
+    task = request.param
+    out = tmp_path_factory.mktemp(f"predict_{task}")
+    overrides = [
+        f"task={task}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "test=false",
+    ]
+    cfg = compose_config("train", overrides, out, cache_dir)
+    try:
+        train(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"wide.jpg": (120, 70), "tall.png": (50, 90)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(out / name)
+    return task, Path(cfg.export_best), out
+
+
+def _cfg(make_cfg, task: str, *overrides: str):
+    return make_cfg(f"task={task}", *overrides, name="predict")
+
+
+def test_one_query_box_in_image_pixels_json_and_drawing(make_cfg, tmp_path, trained):
+    task, ckpt, imgs = trained
+    cfg = _cfg(make_cfg, task, f"ckpt_path={ckpt}", f"image={imgs / 'wide.jpg'}", "text='the red circle'")
+    rows = predict(cfg)
+    assert len(rows) == 1
+    x1, y1, x2, y2 = rows[0]["box_xyxy"]
+    assert 0 <= x1 <= x2 <= 120 and 0 <= y1 <= y2 <= 70
+    assert json.loads((tmp_path / "predictions.json").read_text()) == rows
+    drawn = Image.open(rows[0]["drawn"])
+    assert drawn.width == 120 and drawn.height > 70  # the image plus a caption strip
+    if task == "res":
+        mask = np.asarray(Image.open(rows[0]["mask_png"]))
+        assert mask.shape == (70, 120) and rows[0]["mask_area"] == int((mask > 0).sum())
+
+
+def test_batch_file_matches_single_queries_and_the_model(make_cfg, tmp_path, trained):
+    """Several queries in one batch give what each gives alone; the box equals the model's own
+    output mapped back through the letterbox."""
+    task, ckpt, imgs = trained
+    lines = [
+        {"image": "wide.jpg", "text": "the big blue square"},
+        {"image": str(imgs / "tall.png"), "text": "the shape on the left"},
+    ]
+    (imgs / "q.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    batched = predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"inputs={imgs / 'q.jsonl'}", "draw=false"))
+    assert [Path(r["image"]).name for r in batched] == ["wide.jpg", "tall.png"]
+    alone = predict(
+        _cfg(
+            make_cfg,
+            task,
+            f"ckpt_path={ckpt}",
+            f"image={imgs / 'tall.png'}",
+            "text='the shape on the left'",
+            "draw=false",
+        )
+    )
+    np.testing.assert_allclose(batched[1]["box_xyxy"], alone[0]["box_xyxy"], atol=0.02)
+    # independent reference: the tall image (50x90) letterboxed to 64: ratio 64/90, left pad round(((64 - 36) / 2) - 0.1)
+    module = GroundingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    from oneref.data.tokenizer import Tokenizer
+
+    cfg = _cfg(make_cfg, task, f"ckpt_path={ckpt}")
+    from hydra.utils import instantiate
+
+    tok: Tokenizer = instantiate(cfg.data, _convert_="all").tokenizer
+    img = Image.open(imgs / "tall.png").convert("RGB").resize((36, 64), Image.BILINEAR)
+    x = (
+        torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+        - torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    ) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    padded = torch.zeros(1, 3, 64, 64)
+    left = round(28 / 2 - 0.1)
+    padded[0, :, :, left : left + 36] = x
+    ids, pad = tok.encode_batch(["the shape on the left"])
+    with torch.no_grad():
+        cx, cy, w, h = module.model(padded, ids, pad)["pred_box"][0].tolist()
+    ratio = 64 / 90
+    want = [
+        ((cx - w / 2) * 64 - left) / ratio,
+        (cy - h / 2) * 64 / ratio,
+        ((cx + w / 2) * 64 - left) / ratio,
+        (cy + h / 2) * 64 / ratio,
+    ]
+    want = [min(max(v, 0), lim) for v, lim in zip(want, (50, 90, 50, 90))]
+    np.testing.assert_allclose(alone[0]["box_xyxy"], want, atol=0.05)
+
+
+def test_folder_and_official_file(make_cfg, tmp_path, trained):
+    task, ckpt, imgs = trained
+    module = GroundingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    cfg = _cfg(make_cfg, task, f"ckpt_path={ckpt}")
+    from hydra.utils import instantiate
+
+    spm = instantiate(cfg.data, _convert_="all").tokenizer.model_path
+    folder = save_folder(
+        tmp_path / "folder",
+        module.model.state_dict(),
+        module.model.cfg,
+        task=task,
+        max_query_len=20,
+        tokenizer=spm,
+    )
+    query = (f"image={imgs / 'wide.jpg'}", "text='the red circle'", "draw=false")
+    ours = predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", *query))
+    from_folder = predict(_cfg(make_cfg, task, f"ckpt_path={folder}", *query))
+    assert from_folder[0]["box_xyxy"] == ours[0]["box_xyxy"]
+
+
+def test_bad_queries_are_clear_errors(make_cfg, tmp_path, trained):
+    task, ckpt, imgs = trained
+    with pytest.raises(ValueError, match="give image=PATH"):
+        predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}"))
+    with pytest.raises(FileNotFoundError, match="image not found: .*nope.jpg"):
+        predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", "image=nope.jpg", "text='x'"))
+    with pytest.raises(ValueError, match="expression is empty"):
+        predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"image={imgs / 'wide.jpg'}", "text=' '"))
+    (tmp_path / "bad.jsonl").write_text('{"image": "wide.jpg"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object with 'image' and 'text'"):
+        predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"inputs={tmp_path / 'bad.jsonl'}"))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+        predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"image={tmp_path / 'broken.jpg'}", "text='x'"))
+
+
+def test_cli(tmp_path, trained, cache_dir):
+    task, ckpt, imgs = trained
+    if task == "res":
+        pytest.skip("one task is enough")
+    import os
+
+    env = {
+        **os.environ,
+        "ONEREF_ROOT": str(tmp_path),
+        "ONEREF_CACHE": str(cache_dir),
+        "WANDB_MODE": "disabled",
+    }
+    cmd = [sys.executable, "-m", "oneref.predict", f"ckpt_path={ckpt}", f"image={imgs / 'wide.jpg'}", "text='the red circle'",
+           "data.synthetic.num_train=96", "data.synthetic.num_val=32", "data.synthetic.num_test=32"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "predictions" in out.stdout and "wide.jpg" in out.stdout
+    assert list((tmp_path / "logs").rglob("predictions.json"))
