@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from oneref.config import config_dir
+from oneref.train import train
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -80,3 +81,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def train_tiny_checkpoint(task: str, out_dir: Path, cache: Path, *overrides: str) -> Path:
+    """Train the tiny model for two steps (no test); return its exported best checkpoint."""
+    base = [
+        f"task={task}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+    ]
+    cfg = compose_config("train", [*base, "test=false", *overrides], out_dir, cache)
+    try:
+        train(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    ckpt = Path(cfg.export_best)
+    assert ckpt.is_file(), ckpt
+    return ckpt

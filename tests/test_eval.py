@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from conftest import compose_config
+from conftest import train_tiny_checkpoint
 from oneref.checkpoint import save_folder, to_official
 from oneref.eval import evaluate
 from oneref.tasks.grounding import GroundingModule
 from oneref.tasks.metrics import rec_box_iou
-from oneref.train import train
 
 
 @pytest.fixture(scope="module", params=["rec", "res"])
@@ -26,21 +24,7 @@ def tiny_ckpt(request, tmp_path_factory, cache_dir) -> tuple[str, Path]:
     an official-layout copy (which cannot carry one) evaluates to the same numbers."""
     task = request.param
     out = tmp_path_factory.mktemp(f"train_{task}")
-    overrides = [
-        f"task={task}",
-        "model.similarity_temperature=null",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1",
-        "test=false",
-    ]
-    cfg = compose_config("train", overrides, out, cache_dir)
-    try:
-        train(cfg)
-    finally:
-        GlobalHydra.instance().clear()
-    ckpt = Path(cfg.export_best)
-    assert ckpt.is_file()
+    ckpt = train_tiny_checkpoint(task, out, cache_dir, "model.similarity_temperature=null")
     return task, ckpt
 
 

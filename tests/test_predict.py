@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from conftest import compose_config
+from conftest import train_tiny_checkpoint
 from oneref.checkpoint import save_folder
 from oneref.predict import predict
 from oneref.tasks.grounding import GroundingModule
-from oneref.train import train
 
 
 @pytest.fixture(scope="module", params=["rec", "res"])
@@ -25,22 +23,11 @@ def trained(request, tmp_path_factory, cache_dir) -> tuple[str, Path, Path]:
     """A tiny model trained for two steps, and two images of other sizes than the training ones."""
     task = request.param
     out = tmp_path_factory.mktemp(f"predict_{task}")
-    overrides = [
-        f"task={task}",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1",
-        "test=false",
-    ]
-    cfg = compose_config("train", overrides, out, cache_dir)
-    try:
-        train(cfg)
-    finally:
-        GlobalHydra.instance().clear()
+    ckpt = train_tiny_checkpoint(task, out, cache_dir)
     rng = np.random.default_rng(0)
     for name, (w, h) in {"wide.jpg": (120, 70), "tall.png": (50, 90)}.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(out / name)
-    return task, Path(cfg.export_best), out
+    return task, ckpt, out
 
 
 def _cfg(make_cfg, task: str, *overrides: str):
