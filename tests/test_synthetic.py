@@ -198,7 +198,12 @@ def test_read_through_the_datamodule(small_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_generation_is_fast(tmp_path: Path) -> None:
-    t0 = time.perf_counter()
-    ensure_synthetic(tmp_path / "synthetic")
-    assert time.perf_counter() - t0 < 60
+def test_default_generation_is_complete(tmp_path: Path) -> None:
+    """The full default set (its generation time is reported in docs/data.md, never asserted)."""
+    paths = ensure_synthetic(tmp_path / "synthetic")
+    cfg = SyntheticConfig()
+    on_disk = {p.name for p in paths.image_dir.iterdir()}
+    for split in ("train", "val", "test"):
+        records = torch.load(paths.split_root / "synthetic" / f"synthetic_{split}.pth", weights_only=True)
+        assert len(records) == cfg.num_samples(split)
+        assert {r[0] for r in records} <= on_disk
