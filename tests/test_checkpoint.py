@@ -51,6 +51,8 @@ BASE = dict(width=768, ffn=3072, depth=12, pos_rows=579, vocab=64010, codebook=8
 def read_keyfile() -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
     sections: dict[str, list[tuple[str, tuple[int, ...], str]]] = {}
     current = None
+    if not KEYFILE.is_file():  # every official-layout test needs it; skip them cleanly without it
+        pytest.skip(f"{KEYFILE} (official key list, ../shared/spec) is absent")
     for line in KEYFILE.read_text().splitlines():
         m = re.match(r"## SECTION (\w)", line)
         if m:
