@@ -34,6 +34,8 @@ def load_module(cfg: DictConfig) -> GroundingModule:
             raise FileNotFoundError(f"checkpoint not found: {path}")
         module = GroundingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
         module.dataset_name = str(cfg.data.dataset)
+        # the metric protocol is an evaluation choice, not the checkpoint's
+        module.set_original_resolution(bool(cfg.task.get("original_resolution", False)))
         return module
     from oneref.checkpoint import load_pretrained
 

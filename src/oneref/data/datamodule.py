@@ -126,6 +126,8 @@ class RefDataModule(L.LightningDataModule):
         image_dirs: override image folders per record source (coco, referit, flickr, synthetic).
         mean_box_samples: training records used by `mean_train_box` (None = all).
         cache_samples: keep loaded samples in memory (RefDataset; deterministic samples only).
+        orig_masks: evaluation batches also carry the object masks at each image's own size
+            (``orig_mask``, a list), for RES metrics at the original resolution.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class RefDataModule(L.LightningDataModule):
         image_dirs: Mapping[str, str] | None = None,
         mean_box_samples: int | None = 20000,
         cache_samples: bool = False,
+        orig_masks: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -180,6 +183,7 @@ class RefDataModule(L.LightningDataModule):
         self.image_dirs = dict(_plain(image_dirs) or {})
         self.mean_box_samples = mean_box_samples
         self.cache_samples = bool(cache_samples)
+        self.orig_masks = bool(orig_masks)
         self._tokenizer: Tokenizer | None = None
         self.train_set: RefDataset | None = None
         self.val_sets: list[RefDataset] = []
@@ -255,6 +259,7 @@ class RefDataModule(L.LightningDataModule):
             seed=self.seed,
             image_dirs=self.image_dirs,
             cache_samples=self.cache_samples,
+            orig_masks=self.orig_masks and not train,
         )
 
     def setup(self, stage: str | None = None) -> None:

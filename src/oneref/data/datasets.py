@@ -77,6 +77,8 @@ class RefDataset(Dataset):
             later epochs decode nothing. Needs deterministic samples (evaluation, or training with
             augmentation off); meant for small datasets such as the synthetic default. Each process
             (main or loader worker) holds its own cache.
+        orig_masks: also return the object mask at the image's own size (``orig_mask``, bool (h, w)),
+            for RES metrics at the original resolution. Evaluation only.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class RefDataset(Dataset):
         seed: int = 0,
         image_dirs: Mapping[str, str | Path] | None = None,
         cache_samples: bool = False,
+        orig_masks: bool = False,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
@@ -122,6 +125,7 @@ class RefDataset(Dataset):
                 "augmentation is on; set data.augment.enabled=false or data.cache_samples=false"
             )
         self._cache: dict[int, dict[str, Any]] = {}
+        self.orig_masks = bool(orig_masks) and not self.train
         self.seg_masks = bool(seg_masks)
         self.tokenizer = tokenizer
         self.bad_samples = bad_samples
@@ -228,6 +232,10 @@ class RefDataset(Dataset):
         with Image.open(path) as img:
             w, h = img.size
             mask = self._object_mask(rec, h, w)
+            orig_mask = None
+            if self.orig_masks:  # before the transform resizes the mask
+                orig_mask = np.empty((h, w), dtype=bool)
+                mask.paste(orig_mask, 0, 0)
             box = np.asarray(rec.box, dtype=np.float32)
             if self.transform is not None:
                 rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -236,6 +244,7 @@ class RefDataset(Dataset):
                 out = eval_transform(img, box, mask, self.img_size)
         return {
             "result": out,
+            "orig_mask": orig_mask,
             "text_ids": text_ids,
             "index": index,
             "phrase": rec.phrase,
@@ -297,6 +306,12 @@ class RefCollate:
             ),
             "phrase": [s["phrase"] for s in samples],
             "image_file": [s["image_file"] for s in samples],
+            # original-resolution object masks (datasets built with orig_masks=True), sizes differ
+            **(
+                {"orig_mask": [torch.from_numpy(s["orig_mask"]) for s in samples]}
+                if samples[0].get("orig_mask") is not None
+                else {}
+            ),
         }
 
 

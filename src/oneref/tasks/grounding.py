@@ -39,7 +39,8 @@ class GroundingModule(L.LightningModule):
     ``torch.load(weights_only=True)``):
         model: size name plus OneRefConfig overrides, ``compile`` and ``grad_checkpointing``.
         task: ``name`` (rec | res), ``frozen_backbone``, ``losses`` (official flags),
-            ``val_images_every_n_epochs``.
+            ``val_images_every_n_epochs``, ``original_resolution`` (metrics against the original
+            annotations instead of the letterbox; see oneref.tasks.metrics).
         optim: see conf/optim/adamw.yaml.
         dataset: dataset name, used in test metric names.
         architecture: ignored on input; saved as the resolved OneRefConfig (for load_model).
@@ -70,10 +71,7 @@ class GroundingModule(L.LightningModule):
             similarity_temperature=self.model.cfg.similarity_temperature, **losses
         )
         self._freeze_unreached(losses, bool(task.get("frozen_backbone", False)))
-        self.val_rec = RECMetrics()
-        self.val_res = RESMetrics() if self.is_res else None
-        self.test_metrics = nn.ModuleList()
-        self.test_split_names: list[str] = []
+        self.set_original_resolution(bool(task.get("original_resolution", False)))
 
     # -- setup --------------------------------------------------------------------------------
     def _freeze_unreached(self, losses: dict[str, Any], frozen_backbone: bool) -> None:
@@ -108,10 +106,40 @@ class GroundingModule(L.LightningModule):
         names = list(getattr(dm, "test_split_names", []) or [])
         if stage in ("test", "fit") and names and names != self.test_split_names:
             self.test_split_names = names
-            self.test_metrics = nn.ModuleList(
-                nn.ModuleDict({"rec": RECMetrics(), **({"res": RESMetrics()} if self.is_res else {})})
-                for _ in names
-            )
+            self.test_metrics = nn.ModuleList(self._metric_group() for _ in names)
+
+    def set_original_resolution(self, value: bool) -> None:
+        """Metric protocol: False (official) measures in the S x S letterbox, True against the
+        original annotations. Rebuilds the metrics (eval sets it on a loaded checkpoint)."""
+        self.original_resolution = bool(value)
+        val = self._metric_group()
+        self.val_rec = val["rec"]
+        self.val_res = val["res"] if self.is_res else None
+        self.test_metrics = nn.ModuleList()
+        self.test_split_names = []
+
+    def _metric_group(self) -> nn.ModuleDict:
+        kw = {"original_resolution": self.original_resolution, "img_size": self.model.cfg.img_size}
+        group = {"rec": RECMetrics(**kw)}
+        if self.is_res:
+            group["res"] = RESMetrics(**kw)
+        return nn.ModuleDict(group)
+
+    def _update_metrics(self, rec: RECMetrics, res: RESMetrics | None, out: dict, batch: dict) -> None:
+        if not self.original_resolution:
+            rec.update(out["pred_box"], batch["box"])
+            if res is not None:
+                res.update(out["seg_mask"], batch["obj_mask"])
+            return
+        frame = {"letterbox": batch["letterbox"], "orig_size": batch["orig_size"]}
+        rec.update(out["pred_box"], orig_box=batch["orig_box"], **frame)
+        if res is not None:
+            if "orig_mask" not in batch:
+                raise ValueError(
+                    "task.original_resolution=true for RES needs the original masks in the batch: "
+                    "set data.orig_masks=true"
+                )
+            res.update(out["seg_mask"], orig_mask=batch["orig_mask"], **frame)
 
     # -- steps --------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -130,9 +158,7 @@ class GroundingModule(L.LightningModule):
         out = self(batch)
         losses = self.criterion(out, batch, logit_scale=self.model.logit_scale)
         self.log("val/loss", losses["loss"], batch_size=batch["image"].shape[0], sync_dist=True)
-        self.val_rec.update(out["pred_box"], batch["box"])
-        if self.val_res is not None:
-            self.val_res.update(out["seg_mask"], batch["obj_mask"])
+        self._update_metrics(self.val_rec, self.val_res, out, batch)
 
     def on_validation_epoch_end(self) -> None:
         # RES runs report the box metrics too, as val/box_acc@0.5 etc. (the mask metrics own val/).
@@ -147,16 +173,12 @@ class GroundingModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         out = self(batch)
         group = self._test_group(dataloader_idx)
-        group["rec"].update(out["pred_box"], batch["box"])
-        if "res" in group:
-            group["res"].update(out["seg_mask"], batch["obj_mask"])
+        self._update_metrics(group["rec"], group["res"] if "res" in group else None, out, batch)
 
     def _test_group(self, idx: int) -> nn.ModuleDict:
         if not self.test_metrics:  # no datamodule split names: one anonymous split
             self.test_split_names = ["test"]
-            self.test_metrics = nn.ModuleList(
-                [nn.ModuleDict({"rec": RECMetrics(), **({"res": RESMetrics()} if self.is_res else {})})]
-            ).to(self.device)
+            self.test_metrics = nn.ModuleList([self._metric_group()]).to(self.device)
         return self.test_metrics[idx]
 
     def on_test_epoch_end(self) -> None:
