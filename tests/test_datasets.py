@@ -291,6 +291,31 @@ def test_skip_mode_counts_and_reports(bad_root: Path, caplog: pytest.LogCaptureF
     assert sum("skipping bad sample" in r.getMessage() for r in caplog.records) == 4
 
 
+def test_epoch_end_callback_reports_skipped_samples(
+    bad_root: Path, fake_root: dict[str, Path], caplog
+) -> None:
+    from types import SimpleNamespace
+
+    from oneref.tasks.callbacks import BadSampleReport
+
+    dm = RefDataModule(
+        dataset="unc", data_root=bad_root, split_root=bad_root / "splits", tokenizer=fake_root["tok"],
+        img_size=32, max_query_len=12, batch_size=2, num_workers=0, pin_memory=False,
+        bad_samples="skip", augment={"enabled": False}, val_split=[], test_splits=["train"],
+    )  # fmt: skip
+    dm.setup("fit")
+    for i in range(len(dm.train_set)):
+        dm.train_set[i]
+    logged = {}
+    module = SimpleNamespace(log_dict=lambda d, **kw: logged.update(d, **{"_kw": kw}))
+    with caplog.at_level(logging.WARNING, logger="oneref.data.datamodule"):
+        BadSampleReport().on_train_epoch_end(SimpleNamespace(datamodule=dm), module)
+    assert logged["data/skipped/unc/train"] == 4.0 and logged["_kw"]["reduce_fx"] == "sum"
+    assert any(
+        "4 samples skipped" in r.getMessage() and "COCO_missing.jpg" in r.getMessage() for r in caplog.records
+    )
+
+
 def test_unparsable_records_raise_or_skip(tmp_path: Path, fake_root: dict[str, Path]) -> None:
     _split(tmp_path / "splits", "flickr", "train", [FLICKR_RECORDS[0], ("2000.jpg", "no box")])
     with pytest.raises(RecordError, match="flickr_train.pth record 1"):

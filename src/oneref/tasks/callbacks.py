@@ -204,3 +204,17 @@ class ValidationImages(L.Callback):
             path = folder / f"epoch{trainer.current_epoch:03d}_step{step:06d}.png"
             Image.fromarray(grid).save(path)
             log.debug("validation panel written to %s", path)
+
+
+class BadSampleReport(L.Callback):
+    """At the end of every training epoch, the skipped and unparsable samples of each split
+    (``data.bad_samples=skip``): warned with examples and logged as ``data/skipped/<dataset>/<split>``,
+    so a run never drops data silently. Counts are summed over ranks."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "bad_sample_report"):
+            return
+        counts = {f"data/skipped/{r['dataset']}": float(r["skipped"]) for r in dm.bad_sample_report()}
+        if counts:
+            pl_module.log_dict(counts, reduce_fx="sum", sync_dist=True)
