@@ -93,10 +93,9 @@ def test_official_layout_and_folder_give_the_same_numbers(make_cfg, tmp_path, ti
     assert from_folder == ours
 
 
+@pytest.mark.parametrize("tiny_ckpt", ["rec"], indirect=True)  # one task is enough
 def test_wrong_format_is_a_clear_error(make_cfg, tmp_path, tiny_ckpt):
     task, ckpt = tiny_ckpt
-    if task == "res":
-        pytest.skip("one task is enough")
     cfg = make_cfg(f"ckpt_path={ckpt}", "ckpt_format=official", name="eval")
     with pytest.raises(Exception, match="Lightning checkpoint"):
         evaluate(cfg)

@@ -138,11 +138,11 @@ def test_bad_queries_are_clear_errors(make_cfg, tmp_path, trained):
         predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"image={tmp_path / 'broken.jpg'}", "text='x'"))
 
 
+@pytest.mark.parametrize("trained", ["rec"], indirect=True)  # one task is enough
 def test_cli(tmp_path, trained, cache_dir):
-    task, ckpt, imgs = trained
-    if task == "res":
-        pytest.skip("one task is enough")
     import os
+
+    task, ckpt, imgs = trained
 
     env = {
         **os.environ,
