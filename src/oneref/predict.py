@@ -8,7 +8,7 @@
 ckpt_path is one of our .ckpt files, a converted checkpoint folder or an official .pth (as for
 ``oneref.eval``). Each image goes through the official evaluation transform; the box (REC) is
 mapped back to the image's own pixels, and the mask (RES) is cut out of the letterbox and resized
-to the image. Writes ``predictions.json`` and, with ``draw=true``, one PNG per query (prediction
+to the image by the rule of the original-resolution metrics (oneref.tasks.metrics). Writes ``predictions.json`` and, with ``draw=true``, one PNG per query (prediction
 in red) to ``output_dir``.
 """
 
@@ -23,7 +23,6 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 from rich.console import Console
@@ -34,7 +33,7 @@ from oneref.data.tokenizer import Tokenizer
 from oneref.data.transforms import ObjMask, eval_transform
 from oneref.tasks.boxes import cxcywh_to_xyxy, letterbox_to_original
 from oneref.tasks.callbacks import draw_sample
-from oneref.tasks.metrics import res_pred_mask
+from oneref.tasks.metrics import res_pred_mask_original
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +150,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             cxcywh_to_xyxy(out["pred_box"].float().cpu()) * size, letterbox, orig_size
         )
         masks = None
-        if "seg_mask" in out:
-            masks = res_pred_mask(out["seg_mask"].float().cpu(), (size, size))
-        for k, (q, img, r) in enumerate(zip(chunk, images, results)):
+        if "seg_mask" in out:  # the same original-resolution rule as the metrics
+            canvas = (max(img.height for img in images), max(img.width for img in images))
+            masks = res_pred_mask_original(out["seg_mask"].float().cpu(), letterbox, orig_size, size, canvas)
+        for k, (q, img) in enumerate(zip(chunk, images)):
             row: dict[str, Any] = {
                 "image": str(q.image),
                 "text": q.text,
@@ -161,10 +161,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             }
             mask = None
             if masks is not None:
-                top, left = r.top, r.left
-                h, w = r.pixels.shape[:2]
-                crop = masks[k, top : top + h, left : left + w][None, None].float()
-                mask = F.interpolate(crop, size=(img.height, img.width), mode="nearest")[0, 0].bool().numpy()
+                mask = masks[k, : img.height, : img.width].numpy()
                 row["mask_area"] = int(mask.sum())
                 mask_file = out_dir / f"mask_{start + k:05d}.png"
                 Image.fromarray(mask.astype(np.uint8) * 255).save(mask_file)
