@@ -18,6 +18,16 @@ def test_default_composes(make_cfg):
     assert cfg.data.dataset == "synthetic"
     assert cfg.data.img_size == cfg.model.img_size
     assert cfg.task.monitor == "val/acc@0.5"
+    # the from-scratch recipe (conf/recipe/rec_tiny.yaml) applies to the default only
+    assert (cfg.model.patch_size, cfg.model.depth, cfg.model.position_init) == (8, 3, "sincos")
+    assert cfg.model.similarity_temperature == 0.1 and cfg.data.cache_samples
+    for model in ("base", "large"):
+        official = make_cfg(f"model={model}")
+        assert official.model.position_init == "normal" and official.model.similarity_temperature is None
+    # eval and predict build the same tiny architecture
+    for name in ("eval", "predict"):
+        other = make_cfg("ckpt_path=x", name=name)
+        assert (other.model.patch_size, other.model.position_init) == (8, "sincos")
 
 
 @pytest.mark.parametrize("model", sorted(SIZES))
