@@ -139,8 +139,11 @@ class OneRef(nn.Module):
         x = F.relu(self.bn1(self.seg_conv1(x)))
         x = F.relu(self.bn2(self.seg_conv2(x)))
         x = self.bn3(self.seg_conv3(x))  # no ReLU after the last BN (official)
-        x = F.normalize(x, dim=1)
-        return torch.einsum("bdhw,bd->bhw", x, language_cls.to(x.dtype)).unsqueeze(1)
+        # = einsum(F.normalize(x, dim=1), cls): divides the (B,H,W) dot products by the channel
+        # norms instead of materialising the normalised (B,D,H,W) map (and its backward)
+        dot = torch.einsum("bdhw,bd->bhw", x, language_cls.to(x.dtype))
+        norm = torch.linalg.vector_norm(x, dim=1).clamp_min(1e-12)
+        return (dot / norm).unsqueeze(1)
 
     def forward(
         self,
