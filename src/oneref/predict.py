@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from oneref.config import config_dir
+from oneref.data.datasets import RefCollate
 from oneref.data.tokenizer import Tokenizer
 from oneref.data.transforms import ObjMask, eval_transform
 from oneref.tasks.boxes import cxcywh_to_xyxy, letterbox_to_original
@@ -117,6 +118,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     )
     model.to(device).eval()
     tokenizer = resolve_tokenizer(cfg)
+    collate = RefCollate(tokenizer.max_query_len, tokenizer=tokenizer)
     size = model.cfg.img_size
     bf16 = device.type == "cuda" and cfg.get("precision", "auto") in ("auto", "bf16")
     out_dir = Path(str(cfg.output_dir))
@@ -136,16 +138,24 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             )
             for img in images
         ]
-        batch = torch.empty(len(chunk), 3, size, size)
-        pad_mask = np.empty((len(chunk), size, size), dtype=bool)
-        scratch = np.empty((size, size), dtype=bool)
-        for k, r in enumerate(results):
-            r.write(batch[k].numpy(), pad_mask[k], scratch)
-        ids, pad = tokenizer.encode_batch([q.text for q in chunk], names=[str(q.image) for q in chunk])
+        # the same batch assembly as training and evaluation (normalise, letterbox, tokenise)
+        batch = collate(
+            [
+                {
+                    "result": r,
+                    "text_ids": None,
+                    "index": start + k,
+                    "phrase": q.text,
+                    "image_file": str(q.image),
+                }
+                for k, (q, r) in enumerate(zip(chunk, results))
+            ]
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(batch.to(device), ids.to(device), pad.to(device))
-        letterbox = torch.tensor([r.letterbox for r in results], dtype=torch.float32)
-        orig_size = torch.tensor([[img.height, img.width] for img in images], dtype=torch.float32)
+            out = model(
+                batch["image"].to(device), batch["text_ids"].to(device), batch["text_padding_mask"].to(device)
+            )
+        letterbox, orig_size = batch["letterbox"], batch["orig_size"].float()
         boxes = letterbox_to_original(
             cxcywh_to_xyxy(out["pred_box"].float().cpu()) * size, letterbox, orig_size
         )

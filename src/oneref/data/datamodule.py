@@ -61,20 +61,12 @@ class EpochSampler(DistributedSampler):
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
         )
-        self._bad_reported = 0
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        ds = self.dataset
-        if isinstance(ds, RefDataset):
-            ds.set_epoch(epoch)
-            n_bad = len(ds.bad_indices())
-            if n_bad > self._bad_reported:
-                rep = ds.bad_sample_report()
-                log.warning(
-                    "%s: %d bad samples skipped so far, e.g. %s", rep["dataset"], n_bad, rep["examples"]
-                )
-                self._bad_reported = n_bad
+        if isinstance(self.dataset, RefDataset):
+            # skipped samples are reported by the BadSampleReport callback and at teardown
+            self.dataset.set_epoch(epoch)
 
 
 class ShardSampler(DistributedSampler):
@@ -259,7 +251,7 @@ class RefDataModule(L.LightningDataModule):
             seed=self.seed,
             image_dirs=self.image_dirs,
             cache_samples=self.cache_samples,
-            orig_masks=self.orig_masks and not train,
+            orig_masks=self.orig_masks,  # the dataset applies it to evaluation splits only
         )
 
     def setup(self, stage: str | None = None) -> None:
