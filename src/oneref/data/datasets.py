@@ -296,6 +296,8 @@ class RefCollate:
             "image_mask": image_mask,
             "text_ids": ids,
             "text_padding_mask": pad,
+            # decided here, on the CPU, so that the model never branches on the mask's content
+            "text_padded": bool(pad.any()),
             "box": torch.from_numpy(np.stack([r.box for r in results]).astype(np.float32, copy=False)),
             "obj_mask": obj_mask,
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),

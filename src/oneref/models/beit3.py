@@ -212,7 +212,7 @@ class BEiT3(nn.Module):
         self,
         image: Tensor,
         text_ids: Tensor,
-        text_padding_mask: Tensor,
+        text_padding_mask: Tensor | None,
         masked_position: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Token embeddings plus positions; padded text rows zeroed (official order)."""
@@ -226,28 +226,34 @@ class BEiT3(nn.Module):
         pos = self.encoder.embed_positions
         v = v + pos.A.weight[POSITION_OFFSET : POSITION_OFFSET + v.shape[1]].to(v.dtype)
         t = t + pos.B.weight[POSITION_OFFSET : POSITION_OFFSET + n_text].to(t.dtype)
-        t = t * (1 - text_padding_mask.unsqueeze(-1).to(t.dtype))
+        if text_padding_mask is not None:
+            t = t * (1 - text_padding_mask.unsqueeze(-1).to(t.dtype))
         return v, t
 
     def forward(
         self,
         image: Tensor,
         text_ids: Tensor,
-        text_padding_mask: Tensor,
+        text_padding_mask: Tensor | None = None,
         masked_position: Tensor | None = None,
         return_all_hiddens: bool = False,
     ) -> dict[str, Tensor | list[Tensor]]:
-        """image (B,3,S,S) normalised; text_ids (B,L); text_padding_mask (B,L), nonzero = padding.
+        """image (B,3,S,S) normalised; text_ids (B,L); text_padding_mask (B,L), nonzero = padding,
+        or None when no row of the batch is padded. Whether a batch has padding is decided where
+        the batch is built (the collate), never here: a data-dependent branch would be a host sync
+        every step and a graph break under torch.compile and torch.export.
 
         Returns ``vision`` (B, 1+G*G, D), ``text`` (B, L, D) after the final LayerNorm and,
         with ``return_all_hiddens``, ``hidden_states``: the embeddings and each layer's output as
         (B, N, D) tensors before the final LayerNorm.
         """
-        pad = text_padding_mask.bool()
+        pad = None if text_padding_mask is None else text_padding_mask.bool()
         v, t = self.embed(image, text_ids, pad, masked_position)
-        # SDPA boolean mask: True = attend. Vision keys are never masked, so no row is empty.
-        attend = torch.cat([pad.new_ones(pad.shape[0], v.shape[1]), ~pad], dim=1)
-        attn_mask = None if not pad.any() else attend[:, None, None, :]
+        attn_mask = None
+        if pad is not None:
+            # SDPA boolean mask: True = attend. Vision keys are never masked, so no row is empty.
+            attend = torch.cat([pad.new_ones(pad.shape[0], v.shape[1]), ~pad], dim=1)
+            attn_mask = attend[:, None, None, :]
         hidden = [torch.cat([v, t], dim=1)] if return_all_hiddens else None
         for layer in self.encoder.layers:
             if self.grad_checkpointing and self.training:

@@ -149,14 +149,14 @@ class OneRef(nn.Module):
         self,
         image: Tensor,
         text_ids: Tensor,
-        text_padding_mask: Tensor,
+        text_padding_mask: Tensor | None = None,
         mim_masked_pos: Tensor | None = None,
         return_all_hiddens: bool = False,
     ) -> dict[str, Tensor]:
         """Run the backbone and every head this model has.
 
         image (B,3,S,S) normalised; text_ids (B,L) starting with bos; text_padding_mask (B,L),
-        nonzero = padding; mim_masked_pos (B,G*G) bool, True = patch replaced by the mask token.
+        nonzero = padding, or None when no row is padded; mim_masked_pos (B,G*G) bool, True = patch replaced by the mask token.
 
         Returns ``pred_box`` (B,4) sigmoid cx,cy,w,h; ``visu_sim`` (B,G*G) raw cosines;
         ``vision_cls``/``language_cls`` (B,D) unit vectors; ``vision_tokens``/``text_tokens`` the

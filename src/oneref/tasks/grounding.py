@@ -143,7 +143,8 @@ class GroundingModule(L.LightningModule):
 
     # -- steps --------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        return self.model(batch["image"], batch["text_ids"], batch["text_padding_mask"])
+        pad = batch["text_padding_mask"] if batch.get("text_padded", True) else None
+        return self.model(batch["image"], batch["text_ids"], pad)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self(batch)
