@@ -20,9 +20,7 @@ from oneref.checkpoint import (
     CheckpointError,
     LoadError,
     build_model,
-    convert_beit3_pretrained,
-    convert_mrefm,
-    convert_official_oneref,
+    convert_state_dict,
     infer_architecture,
     load_checkpoint_file,
     load_into,
@@ -310,7 +308,7 @@ def test_beit3_checkpoint_is_resized_and_heads_reported(tmp_path: Path) -> None:
     pre["beit3.pretraining_only.weight"] = torch.ones(3)  # e.g. a pretraining-only tensor
     table = pre["beit3.encoder.embed_positions.A.weight"]
     assert table.shape[0] == 3 + 14 * 14
-    sd, report = convert_beit3_pretrained(pre, cfg)
+    sd, report = convert_state_dict(pre, cfg, "beit3")
     assert report.resized and report.resized[0]["from"] == [199, 32] and report.resized[0]["to"] == [579, 32]
     assert torch.equal(sd["beit3.encoder.embed_positions.A.weight"], resize_vision_positions(table, 24))
     assert torch.equal(
@@ -338,8 +336,8 @@ def test_resize_positions_flag_for_official_checkpoints(tmp_path: Path) -> None:
     sd = tiny_layout(cfg96, "A", seed=9)
     cfg64 = tiny_cfg(img_size=64)
     with pytest.raises(CheckpointError, match="img_size 96.*resize_positions=True"):
-        convert_official_oneref(sd, cfg64)
-    out, report = convert_official_oneref(sd, cfg64, resize_positions=True)
+        convert_state_dict(sd, cfg64)
+    out, report = convert_state_dict(sd, cfg64, resize_positions=True)
     assert out["beit3.encoder.embed_positions.A.weight"].shape == (3 + 16, 32)
     assert report.resized[0]["key"] == "beit3.encoder.embed_positions.A.weight"
 
@@ -349,7 +347,7 @@ def test_mrefm_heads_are_dropped_and_listed(tmp_path: Path) -> None:
     src_cfg = tiny_cfg(mim_codebook_size=16, mlm_head=True)
     sd = tiny_layout(src_cfg, "AC", seed=10)
     rec = tiny_cfg()
-    out, report = convert_mrefm(sd, rec)
+    out, report = convert_state_dict(sd, rec, "mrefm")
     dropped = {k for k in sd if k.startswith(("mim_", "mlm_"))}
     assert set(report.dropped) == dropped and len(dropped) == 16
     assert all("MRefM" in why for why in report.dropped.values())

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from oneref.checkpoint import load_checkpoint_file
-from oneref.convert import PARITY_TOL, golden_config, parity_rows
 from oneref.convert import main as convert_main
+from oneref.parity import PARITY_TOL, golden_config, parity_rows
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official-tiny"
 pytestmark = pytest.mark.skipif(

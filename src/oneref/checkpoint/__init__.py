@@ -1,16 +1,23 @@
-"""Checkpoints: safe loading, official converters, self-describing folders.
+"""Checkpoints: key tables, converters, strict loading, self-describing folders.
 
-See docs/checkpoints.md. Every entry point loads weights through :func:`load_pretrained`.
+Which function for which need: docs/checkpoints.md. Every entry point loads weights through
+:func:`load_pretrained` (into a model) or :func:`load_model` (builds the model too).
 """
 
+from oneref.checkpoint.converters import (
+    CHECKPOINT_FORMATS,
+    TASKS,
+    check_compatible,
+    convert_state_dict,
+    infer_architecture,
+    infer_config,
+    resize_vision_positions,
+    to_official,
+)
 from oneref.checkpoint.folder import (
     CheckpointFolder,
     FolderCheck,
-    build_model,
-    load_model,
-    load_pretrained,
     read_folder,
-    read_weights,
     save_folder,
     validate_folder,
 )
@@ -20,24 +27,22 @@ from oneref.checkpoint.io import (
     is_lightning_checkpoint,
     load_checkpoint_file,
 )
-from oneref.checkpoint.official import (
-    NAME_MAP,
+from oneref.checkpoint.keys import key_group, official_keys
+from oneref.checkpoint.loading import (
+    SOURCE_FORMATS,
     LoadError,
-    check_compatible,
-    convert_beit3_pretrained,
-    convert_mrefm,
-    convert_official_oneref,
-    infer_architecture,
-    infer_config,
+    build_model,
     load_into,
-    official_keys,
-    resize_vision_positions,
-    to_official,
+    load_model,
+    load_pretrained,
+    read_weights,
 )
 from oneref.checkpoint.report import ConversionReport
 
 __all__ = [
-    "NAME_MAP",
+    "CHECKPOINT_FORMATS",
+    "SOURCE_FORMATS",
+    "TASKS",
     "CheckpointError",
     "CheckpointFolder",
     "ConversionReport",
@@ -45,13 +50,12 @@ __all__ = [
     "LoadError",
     "build_model",
     "check_compatible",
-    "convert_beit3_pretrained",
-    "convert_mrefm",
-    "convert_official_oneref",
+    "convert_state_dict",
     "extract_state_dict",
     "infer_architecture",
     "infer_config",
     "is_lightning_checkpoint",
+    "key_group",
     "load_checkpoint_file",
     "load_into",
     "load_model",

@@ -2,7 +2,8 @@
 
 Every ``.pth``/``.ckpt`` is read with ``torch.load(weights_only=True)``: PyTorch's restricted
 unpickler, which only rebuilds tensors, plain containers and the classes on an explicit allow-list.
-Official OneRef checkpoints pickle an ``argparse.Namespace`` under ``args`` (spec 2.3), which is
+Official OneRef checkpoints pickle an ``argparse.Namespace`` under ``args`` (official
+``train_oneref.py`` saves its parsed arguments), which is
 the only class they need beyond the defaults; numpy scalar types are allowed too because training
 scripts commonly store metrics such as ``val_accu`` as numpy floats. Nothing is ever loaded with
 full unpickling: a file that needs another class is refused with the class named.

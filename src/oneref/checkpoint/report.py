@@ -33,10 +33,6 @@ class ConversionReport:
         }
         return out
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConversionReport:
-        return cls(**{k: v for k, v in data.items() if k != "counts"})
-
     def summary(self) -> str:
         """A few lines for logs and the CLI; groups repeated reasons instead of listing every key."""
         lines = [

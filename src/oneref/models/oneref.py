@@ -19,7 +19,9 @@ official state dict keys.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +53,63 @@ class OneRefConfig(BEiT3Config):
         names = {f.name for f in fields(BEiT3Config)}
         return BEiT3Config(**{k: v for k, v in asdict(self).items() if k in names})
 
-    @property
-    def seg_size(self) -> int:
-        return 8 * self.grid_size
-
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# -- the map of the model's parts --------------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    """Parameters (and buffers) of the model that train, freeze, decay and convert together.
+
+    ``prefix`` ending in "." names a module subtree, any other prefix one tensor exactly.
+    ``key_group``: the checkpoint key group (what a checkpoint may lack, see oneref.checkpoint);
+    ``layer``: depth for layer-wise lr decay ("embed" = 0, "block" = its layer index + 1,
+    "head" = depth + 1); ``decay``: False keeps it out of weight decay when
+    ``optim.no_weight_decay_groups`` is on (1-D tensors are always kept out then).
+    """
+
+    prefix: str
+    part: str
+    key_group: str
+    layer: str = "head"
+    decay: bool = True
+
+    def matches(self, name: str) -> bool:
+        return name.startswith(self.prefix) if self.prefix.endswith(".") else name == self.prefix
+
+
+# Every tensor of OneRef is in exactly one row (tests/test_model.py checks it). The parts are what
+# the losses reach (oneref.tasks.losses.LOSS_REACH): a part no enabled loss reaches is frozen.
+PARTS: tuple[Part, ...] = (
+    Part("logit_scale", "logit_scale", "grounding", decay=False),  # contrastive temperature
+    Part("beit3.text_embed.", "backbone", "backbone", "embed"),
+    # only masked image modelling reads the mask token
+    Part("beit3.vision_embed.mask_token", "mask_token", "backbone", "embed", decay=False),
+    Part("beit3.vision_embed.cls_token", "backbone", "backbone", "embed", decay=False),
+    Part("beit3.vision_embed.proj.", "backbone", "backbone", "embed"),
+    Part("beit3.encoder.embed_positions.", "backbone", "backbone", "embed", decay=False),
+    Part("beit3.encoder.layers.", "backbone", "backbone", "block"),
+    Part("beit3.encoder.layer_norm.", "backbone", "backbone", "head"),
+    Part("language_head.", "language_head", "grounding"),
+    Part("vision_head.", "vision_head", "grounding"),
+    Part("bbox_embed.", "box_head", "grounding"),
+    Part("visu_proj.", "box_head", "grounding"),
+    # in every official checkpoint, never used by its forward (official models/OneRef_model.py)
+    Part("text_proj.", "text_proj", "grounding"),
+    *(Part(f"{m}{i}.", "seg_head", "seg") for i in (1, 2, 3) for m in ("seg_conv", "bn")),
+    Part("mim_head.", "mim_head", "mim"),
+    Part("mim_vts_head.", "mim_vts_head", "mim"),
+    Part("mlm_head.", "mlm_head", "mlm"),
+    Part("mlm_sts_head.", "mlm_sts_head", "mlm"),
+)
+KEY_GROUPS: tuple[str, ...] = ("backbone", "grounding", "seg", "mim", "mlm")
+BACKBONE_PARTS: frozenset[str] = frozenset({"backbone", "mask_token"})
+
+
+def part_row(name: str) -> Part | None:
+    """The row of PARTS that holds the tensor ``name`` (a state-dict key), or None."""
+    return next((row for row in PARTS if row.matches(name)), None)
 
 
 class MLP(nn.Module):
@@ -88,8 +141,8 @@ class OneRef(nn.Module):
         self.bbox_embed = MLP(d, d, 4, 3)
         self.visu_proj = nn.Linear(d, d)
         # Present in every official checkpoint but never used in its forward: kept so that
-        # loading stays strict, frozen so that DDP needs no find_unused_parameters.
-        self.text_proj = nn.Linear(d, d).requires_grad_(False)
+        # loading stays strict; no loss reaches it, so training freezes it (oneref.tasks.losses).
+        self.text_proj = nn.Linear(d, d)
         if cfg.seg_head:
             for i in (1, 2, 3):
                 setattr(self, f"seg_conv{i}", nn.ConvTranspose2d(d, d, 2, stride=2, bias=False))
@@ -110,23 +163,47 @@ class OneRef(nn.Module):
             if hasattr(self, head):
                 init_official(getattr(self, head))
 
-    # -- trainer hooks (timm-style) ---------------------------------------------------------
+    # -- the parts map and trainer hooks (timm-style) -------------------------------------------
+    def part_names(self) -> dict[str, str]:
+        """Every state-dict key -> its part (see PARTS). Raises for a tensor no row holds."""
+        out = {}
+        for name in self.state_dict():
+            row = part_row(name)
+            if row is None:
+                raise KeyError(f"{name} is in no row of oneref.models.oneref.PARTS: add it there")
+            out[name] = row.part
+        return out
+
+    def parts(self) -> set[str]:
+        """The parts this model has (its heads depend on the config)."""
+        return set(self.part_names().values())
+
+    def set_trainable(self, parts: set[str]) -> None:
+        """requires_grad on exactly the parameters of ``parts``; every other one is frozen."""
+        unknown = set(parts) - {row.part for row in PARTS}
+        if unknown:
+            raise ValueError(f"unknown model parts {sorted(unknown)}; known: {sorted({r.part for r in PARTS})}")
+        for name, p in self.named_parameters():
+            p.requires_grad_(part_row(name).part in parts)
+
     def no_weight_decay(self) -> set[str]:
-        return {
-            "logit_scale",
-            "beit3.vision_embed.cls_token",
-            "beit3.vision_embed.mask_token",
-            "beit3.encoder.embed_positions.A.weight",
-            "beit3.encoder.embed_positions.B.weight",
-        }
+        return {name for name, _ in self.named_parameters() if not part_row(name).decay}
 
     def layer_id(self, name: str) -> int:
-        """Depth index for layer-wise lr decay: embeddings 0, block i -> i+1, heads depth+1."""
-        if name.startswith(("beit3.text_embed", "beit3.vision_embed", "beit3.encoder.embed_positions")):
+        """Depth index for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
+        layer = part_row(name).layer
+        if layer == "embed":
             return 0
-        if name.startswith("beit3.encoder.layers."):
+        if layer == "block":
             return int(name.split(".")[3]) + 1
         return self.cfg.depth + 1
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer grouping (``timm.optim.param_groups_layer_decay``), from the same map:
+        embeddings first, one group per encoder layer, everything else last."""
+        embed = "|".join(re.escape(r.prefix) for r in PARTS if r.layer == "embed")
+        blocks = r"^beit3\.encoder\.layers\.(\d+)\."
+        return {"stem": rf"^(?:{embed})", "blocks": blocks if coarse else [(blocks, None)]}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.beit3.set_grad_checkpointing(enable)

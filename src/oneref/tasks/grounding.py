@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from oneref.models.oneref import OneRef
+from oneref.models.oneref import BACKBONE_PARTS, OneRef
 from oneref.models.registry import model_config
 from oneref.tasks.losses import GroundingCriterion
 from oneref.tasks.metrics import RECMetrics, RESMetrics
@@ -70,29 +70,23 @@ class GroundingModule(L.LightningModule):
         self.criterion = GroundingCriterion(
             similarity_temperature=self.model.cfg.similarity_temperature, **losses
         )
-        self._freeze_unreached(losses, bool(task.get("frozen_backbone", False)))
+        self._freeze_unreached(bool(task.get("frozen_backbone", False)))
         self.set_original_resolution(bool(task.get("original_resolution", False)))
 
     # -- setup --------------------------------------------------------------------------------
-    def _freeze_unreached(self, losses: dict[str, Any], frozen_backbone: bool) -> None:
-        m = self.model
-        box = bool(losses.get("use_regress_box"))
-        sim = box or bool(losses.get("use_box_mask_constraints"))
-        contrastive = bool(losses.get("use_contrastive_loss"))
-        seg = bool(losses.get("use_mask_loss"))
-        m.bbox_embed.requires_grad_(box)
-        m.visu_proj.requires_grad_(box)
-        m.vision_head.requires_grad_(sim or contrastive)
-        m.language_head.requires_grad_(sim or contrastive or seg)
-        m.logit_scale.requires_grad_(contrastive)
-        if self.is_res:
-            for i in (1, 2, 3):
-                getattr(m, f"seg_conv{i}").requires_grad_(seg)
-                getattr(m, f"bn{i}").requires_grad_(seg)
-        if frozen_backbone:
-            m.beit3.requires_grad_(False)
-        if not any(p.requires_grad for p in m.parameters()):
+    def _freeze_unreached(self, frozen_backbone: bool) -> None:
+        """Train exactly the parts that an enabled loss reaches (oneref.tasks.losses.LOSS_REACH)."""
+        trainable = self.criterion.reached_parts() & self.model.parts()
+        if frozen_backbone:  # official --frozen_backbone: every beit3.* parameter
+            trainable -= BACKBONE_PARTS
+        if not trainable:
             raise ValueError("no enabled loss reaches any trainable parameter: check task.losses")
+        self.model.set_trainable(trainable)
+        log.info(
+            "trained parts: %s; frozen: %s",
+            ", ".join(sorted(trainable)),
+            ", ".join(sorted(self.model.parts() - trainable)) or "none",
+        )
 
     def configure_model(self) -> None:
         if self.hparams.model.get("compile") and not getattr(self, "_compiled", False):

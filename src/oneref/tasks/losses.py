@@ -191,6 +191,29 @@ def mim_vts_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).abs().sum(-1).mean()
 
 
+# -- what each loss trains ---------------------------------------------------------------------------
+# Model parts (oneref.models.oneref.PARTS) that each official loss flag sends gradients to. Training
+# freezes every part no enabled loss reaches: the official code leaves them without gradients, so
+# AdamW skips them (same numbers), and DDP then needs no find_unused_parameters.
+_SIMILARITY = frozenset({"backbone", "vision_head", "language_head"})  # the patch-text cosines
+LOSS_REACH: dict[str, frozenset[str]] = {
+    "use_regress_box": _SIMILARITY | {"box_head"},  # the box pools visu_proj patches by the cosines
+    "use_box_mask_constraints": _SIMILARITY,
+    "use_mask_loss": frozenset({"backbone", "language_head", "seg_head"}),  # raw patches . text cls
+    "use_contrastive_loss": _SIMILARITY | {"logit_scale"},
+    "enable_mim": _SIMILARITY | {"mask_token", "mim_head"},
+    "enable_mim_vts": _SIMILARITY | {"mask_token", "mim_vts_head"},
+}
+
+
+def reached_parts(flags: Mapping[str, object]) -> set[str]:
+    """The model parts that the enabled loss flags train (see LOSS_REACH)."""
+    unknown = sorted(k for k in flags if k not in LOSS_REACH and k != "similarity_temperature")
+    if unknown:
+        raise ValueError(f"unknown loss flag(s) {unknown}; known: {sorted(LOSS_REACH)}")
+    return set().union(*(LOSS_REACH[k] for k, on in flags.items() if on and k in LOSS_REACH))
+
+
 # -- criterion -------------------------------------------------------------------------------------
 class GroundingCriterion(nn.Module):
     """All OneRef training losses, switched by the official flags.
@@ -232,6 +255,13 @@ class GroundingCriterion(nn.Module):
             raise ValueError(
                 "enable_mim_vts=True needs enable_mim=True (the VTS loss is part of the MIM step)"
             )
+
+    def reached_parts(self) -> set[str]:
+        """The model parts this criterion's enabled terms send gradients to."""
+        names = ("use_regress_box", "use_box_mask_constraints", "use_mask_loss", "use_contrastive_loss")
+        flags = {n: getattr(self, n) for n in names}
+        flags.update(enable_mim=self.enable_mim, enable_mim_vts=self.enable_mim_vts)
+        return reached_parts(flags)
 
     def extra_repr(self) -> str:
         flags = (
