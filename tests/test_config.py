@@ -18,16 +18,50 @@ def test_default_composes(make_cfg):
     assert cfg.data.dataset == "synthetic"
     assert cfg.data.img_size == cfg.model.img_size
     assert cfg.task.monitor == "val/acc@0.5"
-    # the from-scratch recipe (conf/recipe/rec_tiny.yaml) applies to the default only
-    assert (cfg.model.patch_size, cfg.model.depth, cfg.model.position_init) == (8, 3, "sincos")
-    assert cfg.model.similarity_temperature == 0.1 and cfg.data.cache_samples
+    # the tiny model's from-scratch options are part of its description (conf/model/tiny.yaml)
+    assert (cfg.model.patch_size, cfg.model.position_init, cfg.model.similarity_temperature) == (8, "sincos", 0.1)
+    assert cfg.data.cache_samples and cfg.optim.lr == pytest.approx(1e-3)  # the recipe: training only
     for model in ("base", "large"):
         official = make_cfg(f"model={model}")
         assert official.model.position_init == "normal" and official.model.similarity_temperature is None
-    # eval and predict build the same tiny architecture
+
+
+def _architecture(cfg):
+    """The OneRefConfig a composed config builds (heads aside)."""
+    from dataclasses import replace
+
+    from oneref.factory import build_module
+
+    return replace(build_module(cfg).model.cfg, seg_head=False)
+
+
+def test_one_description_per_model(make_cfg):
+    """model=tiny builds one model whatever the task, recipe or entry point (the registry holds the
+    size's numbers, conf/model the rest; recipes and tasks never touch the architecture)."""
+    from oneref.models.registry import SIZES
+
+    tiny = _architecture(make_cfg())
+    assert (tiny.embed_dim, tiny.num_heads, tiny.depth, tiny.ffn_dim) == tuple(SIZES["tiny"].values())
+    assert (tiny.img_size, tiny.patch_size, tiny.vocab_size) == (64, 8, 1000)
+    for task in ("res", "rec_mixup", "res_mixup"):
+        assert _architecture(make_cfg(f"task={task}")) == tiny, task
     for name in ("eval", "predict"):
-        other = make_cfg("ckpt_path=x", name=name)
-        assert (other.model.patch_size, other.model.position_init) == (8, "sincos")
+        assert _architecture(make_cfg("ckpt_path=x", name=name)) == tiny, name
+
+
+def test_recipes_tasks_and_experiments_do_not_set_the_architecture():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from oneref.config import config_dir
+
+    runtime = {"compile", "grad_checkpointing"}
+    for group in ("recipe", "task", "experiment"):
+        for path in sorted((Path(config_dir()) / group).glob("*.yaml")):
+            node = OmegaConf.load(path)
+            keys = set(node.get("model") or {}) - runtime
+            assert not keys, f"{path} sets model architecture keys {sorted(keys)}: they belong in conf/model"
 
 
 @pytest.mark.parametrize("model", sorted(SIZES))

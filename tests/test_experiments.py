@@ -122,11 +122,13 @@ def test_experiment_is_the_official_recipe(name):
     assert cfg.optim.lr == pytest.approx(exp["lr"])
     assert cfg.optim.weight_decay == pytest.approx(1e-4) and not cfg.optim.no_weight_decay_groups
     assert cfg.optim.layer_decay is None
-    assert (cfg.optim.scheduler.name, cfg.optim.scheduler.interval, cfg.optim.scheduler.warmup_steps) == (
-        "cosine",
+    sched = cfg.optim.scheduler
+    assert (sched._target_, sched.interval, sched.warmup_steps) == (
+        "oneref.tasks.optim.cosine_schedule",
         "epoch",
         0,
     )
+    assert cfg.optim.optimizer._target_ == "torch.optim.AdamW" and list(cfg.optim.optimizer.betas) == [0.9, 0.999]
     assert cfg.task.frozen_backbone is exp["frozen"]
     augment = cfg.data.augment
     assert augment.aug_crop and augment.aug_scale and augment.aug_translate and not augment.aug_blur

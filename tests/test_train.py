@@ -19,7 +19,8 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from oneref.config import config_dir
-from oneref.tasks.callbacks import GT_COLOUR, PRED_COLOUR, ValidationImages, draw_sample
+from oneref.drawing import GT_COLOUR, PRED_COLOUR, draw_sample
+from oneref.tasks.callbacks import ValidationImages
 from oneref.tasks.grounding import GroundingModule
 from oneref.train import train
 

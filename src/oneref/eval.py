@@ -16,51 +16,14 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from oneref import factory
 from oneref.config import config_dir, to_container
-from oneref.tasks.grounding import GroundingModule
-from oneref.train import build_module, build_trainer
 
 log = logging.getLogger(__name__)
-
-
-def load_module(cfg: DictConfig) -> GroundingModule:
-    path = str(cfg.ckpt_path)
-    if path.endswith(".ckpt") and cfg.get("ckpt_format") in (None, "lightning"):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        module = GroundingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-        module.dataset_name = str(cfg.data.dataset)
-        # the metric protocol is an evaluation choice, not the checkpoint's
-        module.set_original_resolution(bool(cfg.task.get("original_resolution", False)))
-        return module
-    from oneref.checkpoint import load_pretrained
-
-    if Path(path).is_dir():
-        use_folder_architecture(cfg, path)
-    module = build_module(cfg)
-    report = load_pretrained(module.model, path, source_format=cfg.get("ckpt_format"))
-    log.info("loaded %s\n%s", path, report)
-    return module
-
-
-def use_folder_architecture(cfg: DictConfig, path: str) -> None:
-    """A checkpoint folder describes its own model: its architecture (config.yaml) replaces the
-    composed ``model`` fields (the similarity temperature included), so that what is evaluated is
-    what was saved. The heads still follow ``task``."""
-    from oneref.checkpoint import read_folder
-
-    arch = read_folder(path).cfg.to_dict()
-    arch.pop("seg_head", None)
-    changed = {k: (cfg.model.get(k), v) for k, v in arch.items() if cfg.model.get(k) != v}
-    if changed:
-        log.info("architecture from %s (composed -> folder): %s", path, changed)
-    with open_dict(cfg):
-        for k, v in arch.items():
-            cfg.model[k] = v
 
 
 def results_table(metrics: dict[str, float], dataset: str) -> Table:
@@ -84,9 +47,9 @@ def results_table(metrics: dict[str, float], dataset: str) -> Table:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    module = load_module(cfg)
-    trainer = build_trainer(cfg, callbacks=[])
+    datamodule = factory.build_datamodule(cfg)
+    module = factory.load_module(cfg)
+    trainer = factory.build_trainer(cfg, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if trainer.is_global_zero:

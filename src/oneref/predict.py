@@ -22,19 +22,14 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from oneref import factory
 from oneref.config import config_dir
-from oneref.data.datasets import RefCollate
-from oneref.data.tokenizer import Tokenizer
-from oneref.data.transforms import ObjMask, eval_transform
-from oneref.tasks.boxes import cxcywh_to_xyxy, letterbox_to_original
-from oneref.tasks.callbacks import draw_sample
-from oneref.tasks.metrics import res_pred_mask_original
+from oneref.drawing import draw_sample
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +74,6 @@ def read_queries(cfg: DictConfig) -> list[Query]:
     return queries
 
 
-def resolve_tokenizer(cfg: DictConfig) -> Tokenizer:
-    """``tokenizer=`` if given, else the checkpoint folder's, else the data config's (the
-    synthetic dataset's own model for data=synthetic)."""
-    max_len = int(cfg.data.max_query_len)
-    if cfg.get("tokenizer"):
-        return Tokenizer(Path(str(cfg.tokenizer)).expanduser(), max_len)
-    path = Path(str(cfg.ckpt_path))
-    if path.is_dir():
-        from oneref.checkpoint import read_folder
-
-        folder = read_folder(path)
-        if folder.tokenizer is not None:
-            return Tokenizer(folder.tokenizer, int(folder.preprocessing.get("max_query_len", max_len)))
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    return datamodule.tokenizer
-
-
 def load_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
@@ -104,86 +82,37 @@ def load_image(path: Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-@torch.no_grad()
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    from oneref.eval import load_module
-
     queries = read_queries(cfg)
-    module = load_module(cfg)
-    model = module.model
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu")
-        if cfg.get("device", "auto") == "auto"
-        else cfg.device
-    )
-    model.to(device).eval()
-    tokenizer = resolve_tokenizer(cfg)
-    collate = RefCollate(tokenizer.max_query_len, tokenizer=tokenizer)
-    size = model.cfg.img_size
-    bf16 = device.type == "cuda" and cfg.get("precision", "auto") in ("auto", "bf16")
+    predictor = factory.load_predictor(cfg)
     out_dir = Path(str(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    bs = int(cfg.get("batch_size", 16))
-    for start in range(0, len(queries), bs):
-        chunk = queries[start : start + bs]
+    for start in range(0, len(queries), predictor.batch_size):
+        chunk = queries[start : start + predictor.batch_size]
         images = [load_image(q.image) for q in chunk]
-        # no ground truth: an empty box and mask ride along through the transform
-        results = [
-            eval_transform(
-                img,
-                np.zeros(4, np.float32),
-                ObjMask(rows=np.zeros(img.height, bool), cols=np.zeros(img.width, bool)),
-                size,
-            )
-            for img in images
-        ]
-        # the same batch assembly as training and evaluation (normalise, letterbox, tokenise)
-        batch = collate(
-            [
-                {
-                    "result": r,
-                    "text_ids": None,
-                    "index": start + k,
-                    "phrase": q.text,
-                    "image_file": str(q.image),
-                }
-                for k, (q, r) in enumerate(zip(chunk, results))
-            ]
-        )
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(
-                batch["image"].to(device), batch["text_ids"].to(device), batch["text_padding_mask"].to(device)
-            )
-        letterbox, orig_size = batch["letterbox"], batch["orig_size"].float()
-        boxes = letterbox_to_original(
-            cxcywh_to_xyxy(out["pred_box"].float().cpu()) * size, letterbox, orig_size
-        )
-        masks = None
-        if "seg_mask" in out:  # the same original-resolution rule as the metrics
-            canvas = (max(img.height for img in images), max(img.width for img in images))
-            masks = res_pred_mask_original(out["seg_mask"].float().cpu(), letterbox, orig_size, size, canvas)
-        for k, (q, img) in enumerate(zip(chunk, images)):
+        for k, (q, img, pred) in enumerate(
+            zip(chunk, images, predictor.predict(images, [q.text for q in chunk]))
+        ):
+            n = start + k
             row: dict[str, Any] = {
                 "image": str(q.image),
                 "text": q.text,
-                "box_xyxy": [round(float(v), 2) for v in boxes[k]],
+                "box_xyxy": [round(float(v), 2) for v in pred.box_xyxy],
             }
-            mask = None
-            if masks is not None:
-                mask = masks[k, : img.height, : img.width].numpy()
-                row["mask_area"] = int(mask.sum())
-                mask_file = out_dir / f"mask_{start + k:05d}.png"
-                Image.fromarray(mask.astype(np.uint8) * 255).save(mask_file)
+            if pred.mask is not None:
+                row["mask_area"] = int(pred.mask.sum())
+                mask_file = out_dir / f"mask_{n:05d}.png"
+                Image.fromarray(pred.mask.astype(np.uint8) * 255).save(mask_file)
                 row["mask_png"] = str(mask_file)
             if cfg.get("draw", True):
                 tile = draw_sample(
                     np.asarray(img),
                     q.text,
-                    pred_box=None if mask is not None else boxes[k].numpy(),
-                    pred_mask=mask,
+                    pred_box=None if pred.mask is not None else pred.box_xyxy,
+                    pred_mask=pred.mask,
                 )
-                drawn = out_dir / f"pred_{start + k:05d}.png"
+                drawn = out_dir / f"pred_{n:05d}.png"
                 Image.fromarray(tile).save(drawn)
                 row["drawn"] = str(drawn)
             rows.append(row)

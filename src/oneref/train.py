@@ -11,55 +11,16 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
-from oneref.config import config_dir, to_container
+from oneref import factory
+from oneref.config import config_dir
 from oneref.reporting import finish_loggers, log_run_facts, mean_box_baseline, print_results
-from oneref.tasks.grounding import GroundingModule
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(precision: Any) -> Any:
-    if precision == "auto":
-        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    return precision
-
-
-def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
-    trainer_cfg = to_container(cfg.trainer)
-    trainer_cfg.pop("_target_", None)
-    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"))
-    # a group entry set to null (e.g. callbacks.rich_progress_bar=null) is switched off
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    if callbacks is None:
-        callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    if not loggers:  # nothing to monitor the learning rate into
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
-    return L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False, strategy=strategy)
-
-
-def build_module(cfg: DictConfig) -> GroundingModule:
-    return GroundingModule(
-        model=to_container(cfg.model),
-        task=to_container(cfg.task),
-        optim=to_container(cfg.optim),
-        dataset=str(cfg.data.dataset),
-    )
-
-
-def init_weights(module: GroundingModule, source: str, source_format: str | None) -> None:
-    from oneref.checkpoint import load_pretrained
-
-    report = load_pretrained(module.model, source, source_format=source_format)
-    log.info("initialised from %s\n%s", source, report)
 
 
 def export_path(dest: str | Path) -> Path:
@@ -91,11 +52,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint. Returns every logged metric as a float."""
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    module = build_module(cfg)
+    datamodule = factory.build_datamodule(cfg)
+    module = factory.build_module(cfg)
     if cfg.get("init_from"):
-        init_weights(module, str(cfg.init_from), cfg.get("init_format"))
-    trainer = build_trainer(cfg)
+        factory.init_weights(module, str(cfg.init_from), cfg.get("init_format"))
+    trainer = factory.build_trainer(cfg)
     try:
         log_run_facts(trainer, cfg)
         metrics: dict[str, float] = {}

@@ -52,12 +52,27 @@ class Tokenizer:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"sentencepiece model not found: {path}\n{BEIT3_SPM_HELP}")
+        self._init(path.read_bytes(), str(path), max_query_len)
+
+    @classmethod
+    def from_serialized(cls, proto: bytes, max_query_len: int = 64, name: str = "<serialized>") -> Tokenizer:
+        """A tokenizer from the bytes of a sentencepiece model (as :meth:`serialized` returns them;
+        our checkpoints embed them). ``name`` is what messages call it."""
+        tok = cls.__new__(cls)
+        tok._init(bytes(proto), name, max_query_len)
+        return tok
+
+    def _init(self, proto: bytes, name: str, max_query_len: int) -> None:
         if max_query_len < 3:
             raise ValueError(f"max_query_len must be >= 3 (bos + 1 piece + eos), got {max_query_len}")
-        self.model_path = str(path)
+        self.model_path = name
         self.max_query_len = int(max_query_len)
-        self._proto = path.read_bytes()
+        self._proto = proto
         self._load()
+
+    def serialized(self) -> bytes:
+        """The sentencepiece model's bytes."""
+        return self._proto
 
     def _load(self) -> None:
         self._sp = spm.SentencePieceProcessor()

@@ -83,6 +83,22 @@ def letterbox_box(box_xyxy: Sequence[float], h: int, w: int, size: int) -> np.nd
     return _finish_box(np.asarray(box_xyxy, dtype=np.float32) * np.float32(ratio), top, left, size)
 
 
+def letterbox_to_original(
+    boxes_xyxy: torch.Tensor, letterbox: torch.Tensor, orig_size: torch.Tensor
+) -> torch.Tensor:
+    """Map xyxy pixel boxes of the padded square back to original-image pixels.
+
+    ``letterbox`` (B,3) = (ratio, left, top) with ``padded = orig * ratio + (left, top)``;
+    ``orig_size`` (B,2) = (h, w). The result is clamped to the image.
+    """
+    ratio, left, top = letterbox.unbind(-1)
+    shift = torch.stack((left, top, left, top), dim=-1)
+    out = (boxes_xyxy - shift) / ratio.unsqueeze(-1)
+    h, w = orig_size.to(out.dtype).unbind(-1)
+    upper = torch.stack((w, h, w, h), dim=-1)
+    return torch.minimum(out.clamp(min=0), upper)
+
+
 def _finish_box(box: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
     b = box + np.array([left, top, left, top], dtype=np.float32)
     cxcywh = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1]], dtype=np.float32)

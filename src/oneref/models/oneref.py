@@ -182,7 +182,9 @@ class OneRef(nn.Module):
         """requires_grad on exactly the parameters of ``parts``; every other one is frozen."""
         unknown = set(parts) - {row.part for row in PARTS}
         if unknown:
-            raise ValueError(f"unknown model parts {sorted(unknown)}; known: {sorted({r.part for r in PARTS})}")
+            raise ValueError(
+                f"unknown model parts {sorted(unknown)}; known: {sorted({r.part for r in PARTS})}"
+            )
         for name, p in self.named_parameters():
             p.requires_grad_(part_row(name).part in parts)
 

@@ -7,8 +7,9 @@ from typing import Any
 from oneref.models.oneref import OneRef, OneRefConfig
 
 SIZES: dict[str, dict[str, int]] = {
-    # CPU-friendly size for the embedded synthetic default and for tests.
-    "tiny": dict(embed_dim=128, num_heads=4, depth=4, ffn_dim=512),
+    # CPU-friendly size for the embedded synthetic default and for tests (conf/model/tiny.yaml adds
+    # its image size, 8 px patches and small vocabulary).
+    "tiny": dict(embed_dim=128, num_heads=4, depth=3, ffn_dim=512),
     "base": dict(embed_dim=768, num_heads=12, depth=12, ffn_dim=3072),
     "large": dict(embed_dim=1024, num_heads=16, depth=24, ffn_dim=4096),
 }

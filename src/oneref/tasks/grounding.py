@@ -9,7 +9,6 @@ lets DDP run without ``find_unused_parameters``.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import lightning as L
@@ -20,6 +19,7 @@ from oneref.models.oneref import BACKBONE_PARTS, OneRef
 from oneref.models.registry import model_config
 from oneref.tasks.losses import GroundingCriterion
 from oneref.tasks.metrics import RECMetrics, RESMetrics
+from oneref.tasks.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,17 @@ class GroundingModule(L.LightningModule):
         if stage in ("test", "fit") and names and names != self.test_split_names:
             self.test_split_names = names
             self.test_metrics = nn.ModuleList(self._metric_group() for _ in names)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The tokenizer travels with the weights (a sentencepiece model is ~1 MB), so evaluating or
+        # predicting from this file needs nothing else (oneref.factory.resolve_tokenizer).
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None:
+            checkpoint["tokenizer"] = {
+                "model": tokenizer.serialized(),
+                "max_query_len": tokenizer.max_query_len,
+                "source": tokenizer.model_path,
+            }
 
     def set_original_resolution(self, value: bool) -> None:
         """Metric protocol: False (official) measures in the S x S letterbox, True against the
@@ -188,77 +199,6 @@ class GroundingModule(L.LightningModule):
                 metric.reset()
         self.log_dict(metrics, add_dataloader_idx=False)
 
-    def predict_step(
-        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
-    ) -> dict[str, Tensor]:
-        out = self(batch)
-        keep = {"pred_box": out["pred_box"]}
-        if "seg_mask" in out:
-            keep["seg_mask"] = out["seg_mask"]
-        return keep
-
     # -- optimisation -------------------------------------------------------------------------
-    def param_groups(self) -> list[dict[str, Any]]:
-        cfg = self.hparams.optim
-        wd = float(cfg.get("weight_decay", 0.0))
-        layer_decay = cfg.get("layer_decay")
-        split_decay = bool(cfg.get("no_weight_decay_groups"))
-        skip = self.model.no_weight_decay()
-        depth = self.model.cfg.depth
-        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            decay = 0.0 if split_decay and (p.ndim <= 1 or name in skip) else wd
-            scale = float(layer_decay) ** (depth + 1 - self.model.layer_id(name)) if layer_decay else 1.0
-            groups.setdefault((decay, scale), []).append(p)
-        return [{"params": ps, "weight_decay": d, "lr_scale": s} for (d, s), ps in groups.items()]
-
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.hparams.optim
-        if cfg.get("name", "adamw") != "adamw":
-            raise ValueError(f"optim.name {cfg.get('name')!r} is not supported; use adamw")
-        lr = float(cfg["lr"])
-        groups = self.param_groups()
-        for g in groups:
-            g["lr"] = lr * g["lr_scale"]
-        fused = bool(cfg.get("fused", True)) and self.device.type == "cuda"
-        opt = torch.optim.AdamW(
-            groups,
-            lr=lr,
-            betas=tuple(cfg.get("betas", (0.9, 0.999))),
-            eps=float(cfg.get("eps", 1e-8)),
-            fused=fused,
-        )
-        sched = dict(cfg.get("scheduler") or {})
-        interval = sched.get("interval", "epoch")
-        if interval not in ("epoch", "step"):
-            raise ValueError(f"optim.scheduler.interval must be 'epoch' or 'step', got {interval!r}")
-        total = self.trainer.max_epochs if interval == "epoch" else self.trainer.estimated_stepping_batches
-        if interval == "epoch" and (total is None or total < 0):
-            raise ValueError("an epoch-stepped schedule needs trainer.max_epochs >= 1")
-        factor = schedule_factor(
-            sched.get("name", "cosine"),
-            int(total),
-            int(sched.get("warmup_steps", 0)),
-            float(sched.get("min_lr_ratio", 0.0)),
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
-
-
-def schedule_factor(name: str, total: int, warmup: int = 0, min_ratio: float = 0.0):
-    """LR multiplier per scheduler step. cosine with no warmup and min 0 is the official
-    ``0.5 * (1 + cos(pi * epoch / epochs))``."""
-    if name not in ("cosine", "constant"):
-        raise ValueError(f"optim.scheduler.name must be 'cosine' or 'constant', got {name!r}")
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if name == "constant":
-            return 1.0
-        t = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return factor
+        return configure_optimizers(self, self.model, self.hparams.optim)

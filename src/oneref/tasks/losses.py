@@ -19,19 +19,49 @@ One documented non-official option: ``temperature`` of the box-mask constraint (
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+import torchvision.ops
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
-from oneref.tasks.boxes import cxcywh_to_xyxy, generalized_box_iou_pairwise
+from oneref.data.transforms import nearest_indices
 
 FOCAL_WEIGHT = 20.0  # hard-coded in the official one_ref_loss
 DICE_WEIGHT = 2.0
 
 
 # -- boxes ---------------------------------------------------------------------------------------
+def _inter_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter, area_a + area_b - inter
+
+
+def generalized_box_iou_pairwise(a: Tensor, b: Tensor) -> Tensor:
+    """GIoU of each ``a[i]`` with ``b[i]`` (xyxy).
+
+    Numerically the diagonal of DETR's all-pairs ``generalized_box_iou`` (same operations per
+    pair; torchvision's ``generalized_box_iou_loss`` adds an epsilon, so it is not used). Unlike
+    DETR it does not assert ``x2 >= x1``: that check is a host sync on every step. Degenerate boxes
+    (zero-area enclosing box) give NaN.
+    """
+    inter, union = _inter_union(a, b)
+    iou = inter / union
+    lt = torch.minimum(a[..., :2], b[..., :2])
+    rb = torch.maximum(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    enclosing = wh[..., 0] * wh[..., 1]
+    return iou - (enclosing - union) / enclosing
+
+
 def box_l1(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> Tensor:
     """Sum of |pred - gt| over the 4 numbers and the batch, divided by B."""
     return F.l1_loss(pred_cxcywh, gt_cxcywh, reduction="sum") / pred_cxcywh.shape[0]
@@ -39,19 +69,17 @@ def box_l1(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> Tensor:
 
 def box_giou(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> Tensor:
     """Sum over the batch of (1 - GIoU(pred_b, gt_b)), divided by B."""
-    giou = generalized_box_iou_pairwise(cxcywh_to_xyxy(pred_cxcywh), cxcywh_to_xyxy(gt_cxcywh))
+    giou = generalized_box_iou_pairwise(
+        box_convert(pred_cxcywh, "cxcywh", "xyxy"), box_convert(gt_cxcywh, "cxcywh", "xyxy")
+    )
     return (1 - giou).sum() / pred_cxcywh.shape[0]
 
 
 # -- dense binary losses (DETR / MDETR versions) -------------------------------------------------
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """RetinaNet focal loss on (B, N) logits: mean over N per sample, summed over samples, / B."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    """RetinaNet focal loss on (B, N) logits: mean over N per sample, summed over samples, / B
+    (torchvision's, which has the operation order of the official DETR copy)."""
+    loss = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
     return loss.mean(1).sum() / logits.shape[0]
 
 
@@ -63,12 +91,11 @@ def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return (1 - (numerator + 1) / (denominator + 1)).sum() / logits.shape[0]
 
 
+@functools.lru_cache(maxsize=64)
 def _nearest_indices(in_size: int, out_size: int, device: torch.device) -> Tensor:
-    # PyTorch's 'nearest' source index: floor(dst * (in/out)) in float32, clamped. Reproduced
-    # exactly (also for ratios that are not whole numbers) so the target equals F.interpolate's.
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    idx = (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp(max=in_size - 1)
-    return idx.to(device)
+    # torch's 'nearest' source rule (oneref.data.transforms.nearest_indices), built once per size
+    # and device: a copy to the GPU every step would be a host sync.
+    return torch.from_numpy(nearest_indices(in_size, out_size)).to(device)
 
 
 def downsample_mask_nearest(obj_mask: Tensor, grid: int) -> Tensor:

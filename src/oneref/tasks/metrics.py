@@ -48,8 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
+from torchvision.ops import box_convert
 
-from oneref.tasks.boxes import box_iou_eval, cxcywh_to_xyxy, letterbox_to_original
+from oneref.data.transforms import letterbox_to_original
 
 NanPolicy = Literal["official", "one"]
 
@@ -58,17 +59,33 @@ def _threshold_name(prefix: str, t: float) -> str:
     return f"{prefix}@{t:g}"
 
 
+def box_iou_eval(pred_xyxy: Tensor, gt_xyxy: Tensor) -> Tensor:
+    """Per-pair IoU exactly as the official ``bbox_iou`` (``+1e-16`` in the denominator).
+
+    The operation order follows the official code so that float32 results, and hence
+    ``>= threshold`` decisions, are bit-identical.
+    """
+    p_x1, p_y1, p_x2, p_y2 = pred_xyxy.unbind(-1)
+    g_x1, g_y1, g_x2, g_y2 = gt_xyxy.unbind(-1)
+    iw = (torch.minimum(p_x2, g_x2) - torch.maximum(p_x1, g_x1)).clamp(min=0)
+    ih = (torch.minimum(p_y2, g_y2) - torch.maximum(p_y1, g_y1)).clamp(min=0)
+    inter = iw * ih
+    area_p = (p_x2 - p_x1) * (p_y2 - p_y1)
+    area_g = (g_x2 - g_x1) * (g_y2 - g_y1)
+    return inter / (area_p + area_g - inter + 1e-16)
+
+
 def rec_box_iou(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> Tensor:
     """Per-sample official REC IoU in the letterbox (pred clamped to [0,1], gt not), float32."""
-    pred = cxcywh_to_xyxy(pred_cxcywh.float()).clamp(0, 1)
-    return box_iou_eval(pred, cxcywh_to_xyxy(gt_cxcywh.float()))
+    pred = box_convert(pred_cxcywh.float(), "cxcywh", "xyxy").clamp(0, 1)
+    return box_iou_eval(pred, box_convert(gt_cxcywh.float(), "cxcywh", "xyxy"))
 
 
 def rec_box_iou_original(
     pred_cxcywh: Tensor, letterbox: Tensor, orig_size: Tensor, orig_box: Tensor, img_size: int
 ) -> Tensor:
     """Per-sample IoU in original-image pixels (float64), see the module docstring."""
-    pred = cxcywh_to_xyxy(pred_cxcywh.double()) * img_size
+    pred = box_convert(pred_cxcywh.double(), "cxcywh", "xyxy") * img_size
     pred = letterbox_to_original(pred, letterbox.double(), orig_size)
     return box_iou_eval(pred, orig_box.double())
 
