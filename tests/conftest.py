@@ -19,17 +19,57 @@ from oneref.train import train
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden" / "official-tiny"
+# Golden sets from the official code (tests/golden/README.md): the copy in the repository, the sets
+# of the development workspace next to the checkout, and any named by ONEREF_GOLDEN (a set, or a
+# folder of sets).
+GOLDEN_ROOT = REPO / "tests" / "golden"
+SHARED_GOLDEN = REPO.parent / "shared" / "golden"
+KEY_FILE = GOLDEN_ROOT / "official-keys-base384.txt"  # the official base-384 state-dict keys
+
+
+def _sets_in(root: Path) -> list[Path]:
+    if (root / "config.json").is_file():
+        return [root]
+    return sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
+
+
+def find_golden_sets() -> list[tuple[str, Path]]:
+    """(id, folder) of every golden set to test. A set in ../shared/golden with the name of an
+    in-repo set is not run twice: test_parity checks that the two are identical."""
+    found = [(f"{p.name}@repo", p) for p in _sets_in(GOLDEN_ROOT)]
+    names = {p.name for _, p in found}
+    found += [(f"{p.name}@shared", p) for p in _sets_in(SHARED_GOLDEN) if p.name not in names]
+    if os.environ.get("ONEREF_GOLDEN"):
+        found += [(f"{p.name}@env", p) for p in _sets_in(Path(os.environ["ONEREF_GOLDEN"]).expanduser())]
+    return found
+
+
+GOLDEN_SETS = find_golden_sets()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that takes ``golden_dir`` runs once per golden set found."""
+    if "golden_dir" in metafunc.fixturenames:
+        ids, dirs = zip(*GOLDEN_SETS) if GOLDEN_SETS else ((), ())
+        metafunc.parametrize("golden_dir", dirs, ids=ids, indirect=True, scope="session")
+
 
 # Small synthetic dataset shared by the whole session (generated once).
 TINY_SYNTHETIC = {"num_train": 96, "num_val": 32, "num_test": 32}
 
 
 @pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    if not (GOLDEN / "config.json").is_file():
-        pytest.skip(f"golden reference set not found at {GOLDEN} (it ships in ../shared/golden)")
-    return GOLDEN
+def golden_dir(request: pytest.FixtureRequest) -> Path:
+    """One golden set (parametrized over GOLDEN_SETS by pytest_generate_tests)."""
+    return request.param
+
+
+def golden_part(golden_dir: Path, name: str) -> Path:
+    """A sub-folder or file of a golden set; sets of other sizes may lack one (skipped by name)."""
+    path = golden_dir / name
+    if not path.exists():
+        pytest.skip(f"golden set {golden_dir} has no {name}")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
-"""Checkpoint loading, conversion and folders (issue 3 items 1-3, issue 2 bad-input bullet).
+"""Checkpoint loading, conversion and folders and the errors for bad ones.
 
-Official-layout state dicts are built from ../shared/spec/official-keys-base384.txt and the size
-notes in it, never from our model, so the converter is checked against the official key list.
+Official-layout state dicts are built from the official key list (tests/golden/official-keys-base384.txt)
+and the size notes in it, never from our model, so the converter is checked against the official layout.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from conftest import KEY_FILE
 from oneref.checkpoint import (
     CheckpointError,
     LoadError,
@@ -36,11 +37,7 @@ from oneref.checkpoint import (
 from oneref.convert import main as convert_main
 from oneref.models import OneRef, OneRefConfig, model_config
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-KEYFILE = SHARED / "spec" / "official-keys-base384.txt"
-GOLDEN = SHARED / "golden" / "official-tiny"
-needs_keyfile = pytest.mark.skipif(not KEYFILE.is_file(), reason=f"{KEYFILE} (official key list) is absent")
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"{GOLDEN} (golden set) is absent")
+KEYFILE = KEY_FILE
 
 BASE = dict(width=768, ffn=3072, depth=12, pos_rows=579, vocab=64010, codebook=8192)
 
@@ -49,8 +46,6 @@ BASE = dict(width=768, ffn=3072, depth=12, pos_rows=579, vocab=64010, codebook=8
 def read_keyfile() -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
     sections: dict[str, list[tuple[str, tuple[int, ...], str]]] = {}
     current = None
-    if not KEYFILE.is_file():  # every official-layout test needs it; skip them cleanly without it
-        pytest.skip(f"{KEYFILE} (official key list, ../shared/spec) is absent")
     for line in KEYFILE.read_text().splitlines():
         m = re.match(r"## SECTION (\w)", line)
         if m:
@@ -63,7 +58,7 @@ def read_keyfile() -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
 
 
 def mrefm_layer_keys(d: int) -> list[tuple[str, tuple[int, ...], str]]:
-    """The MRefM MLP heads (spec 2.1 table: mim_vts_head.layers.{0,1} [D,D], .2 [4,D];
+    """The MRefM MLP heads (mim_vts_head.layers.{0,1} [D,D], .2 [4,D];
     mlm_sts_head the same with [1,D]); Section C counts them but lists only the Linear heads."""
     out = []
     for head, last in (("mim_vts_head", 4), ("mlm_sts_head", 1)):
@@ -177,7 +172,6 @@ def inputs(cfg: OneRefConfig, batch: int = 2, length: int = 7) -> tuple[Tensor, 
 
 
 # -- the key table -------------------------------------------------------------------------------------
-@needs_keyfile
 def test_official_keys_match_the_official_key_file() -> None:
     data = read_keyfile()
     cfg = model_config("base", seg_head=True, mim_codebook_size=8192, mlm_head=True)
@@ -201,7 +195,6 @@ def test_official_keys_match_our_model(heads: dict) -> None:
 
 
 # -- official checkpoints: base-384 from the key file, large-384 from the size notes ---------------------
-@needs_keyfile
 def test_base384_official_checkpoint_converts_and_loads_strictly(tmp_path: Path) -> None:
     sd = official_layout("ABCD", **BASE, seed=3)
     path = save_official(tmp_path / "best_checkpoint.pth", sd)
@@ -218,7 +211,6 @@ def test_base384_official_checkpoint_converts_and_loads_strictly(tmp_path: Path)
         assert value.dtype == raw[key].dtype and torch.equal(value, raw[key]), key
 
 
-@needs_keyfile
 def test_infer_architecture_from_shapes() -> None:
     base480 = official_layout("AB", **{**BASE, "pos_rows": 903}, fill="expand")
     arch = infer_architecture(base480)
@@ -230,7 +222,6 @@ def test_infer_architecture_from_shapes() -> None:
 
 
 @pytest.mark.slow
-@needs_keyfile
 def test_large384_official_checkpoint_converts_and_loads_strictly(tmp_path: Path) -> None:
     sd = official_layout("A", width=1024, ffn=4096, depth=24, pos_rows=579, seed=4)
     assert len(sd) == 984  # size notes: 984 tensors in the REC config
@@ -243,7 +234,6 @@ def test_large384_official_checkpoint_converts_and_loads_strictly(tmp_path: Path
         assert torch.equal(value, raw[key]), key
 
 
-@needs_keyfile
 def test_converted_outputs_equal_a_model_loaded_straight_from_the_state_dict(tmp_path: Path) -> None:
     cfg = tiny_cfg(seg_head=True, mim_codebook_size=16, mlm_head=True)
     sd = tiny_layout(cfg, "ABC", seed=5)
@@ -415,26 +405,37 @@ def test_folder_round_trip_and_cli_to_official(tmp_path: Path) -> None:
 
 
 # -- folders ---------------------------------------------------------------------------------------------------
-@needs_golden
 def test_cli_official_writes_a_valid_folder_and_validate_names_what_is_missing(
-    tmp_path: Path, capsys
+    golden_dir: Path, tmp_path: Path, capsys
 ) -> None:
+    meta = json.loads((golden_dir / "config.json").read_text())["architecture"]
     tok = tmp_path / "beit3.spm"
     tok.write_bytes(b"sentencepiece stand-in")
     out = tmp_path / "golden_folder"
-    ck = str(GOLDEN / "checkpoint.pth")
-    assert convert_main(["official", ck, str(out)]) == 2  # width 64 is no registered size: heads unknown
+    ck = str(golden_dir / "checkpoint.pth")
+    assert convert_main(["official", ck, str(out)]) == 2  # no registered size: heads unknown
     assert "--num-heads" in capsys.readouterr().err
+    heads, query_len = str(meta["attention_heads"]), str(meta["text_tokens"])
     assert (
         convert_main(
-            ["official", ck, str(out), "--num-heads", "4", "--tokenizer", str(tok), "--max-query-len", "12"]
+            [
+                "official",
+                ck,
+                str(out),
+                "--num-heads",
+                heads,
+                "--tokenizer",
+                str(tok),
+                "--max-query-len",
+                query_len,
+            ]
         )
         == 0
     )
     assert convert_main(["validate", str(out)]) == 0
     report = json.loads((out / "conversion.json").read_text())
-    assert report["counts"]["mapped"] == 130 and report["source_format"] == "official"
-    raw = load_checkpoint_file(GOLDEN / "checkpoint.pth")["model"]
+    raw = load_checkpoint_file(golden_dir / "checkpoint.pth")["model"]
+    assert report["counts"]["mapped"] == len(raw) and report["source_format"] == "official"
     model, _ = load_model(out)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in raw.items())
     capsys.readouterr()
@@ -526,7 +527,6 @@ def test_official_namespace_and_ddp_prefix(tiny_official, tmp_path: Path) -> Non
     assert any("module." in n for n in report.notes) and any("'module'" in n for n in report.notes)
 
 
-@needs_keyfile
 def test_large_checkpoint_into_base_model_is_refused(tmp_path: Path) -> None:
     path = save_official(
         tmp_path / "large.pth", official_layout("A", width=1024, ffn=4096, depth=24, fill="expand")
@@ -541,7 +541,6 @@ def test_large_checkpoint_into_base_model_is_refused(tmp_path: Path) -> None:
     assert_unchanged(model, before)
 
 
-@needs_keyfile
 def test_480_checkpoint_into_384_model_needs_resize(tmp_path: Path) -> None:
     path = save_official(
         tmp_path / "base480.pth", official_layout("A", **{**BASE, "pos_rows": 903}, fill="expand")

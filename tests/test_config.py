@@ -19,7 +19,11 @@ def test_default_composes(make_cfg):
     assert cfg.data.img_size == cfg.model.img_size
     assert cfg.task.monitor == "val/acc@0.5"
     # the tiny model's from-scratch options are part of its description (conf/model/tiny.yaml)
-    assert (cfg.model.patch_size, cfg.model.position_init, cfg.model.similarity_temperature) == (8, "sincos", 0.1)
+    assert (cfg.model.patch_size, cfg.model.position_init, cfg.model.similarity_temperature) == (
+        8,
+        "sincos",
+        0.1,
+    )
     assert cfg.data.cache_samples and cfg.optim.lr == pytest.approx(1e-3)  # the recipe: training only
     for model in ("base", "large"):
         official = make_cfg(f"model={model}")

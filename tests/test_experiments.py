@@ -1,4 +1,4 @@
-"""Every official recipe (spec 8) is a Hydra experiment that composes to the official numbers,
+"""Every official recipe (train_and_eval_script/**/*.sh) is a Hydra experiment that composes to the official numbers,
 runs end to end (fast_dev_run, tiny model, synthetic data), and stage 2 starts from stage 1."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from oneref.train import build_module, train
 EXPERIMENT_DIR = Path(config_dir()) / "experiment"
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
-# Our data config per official dataset name (spec 6.1).
+# Our data config per official dataset name (official datasets/data_loader.py).
 DATASETS = {
     "refcoco": "unc",
     "refcoco_plus": "unc+",
@@ -40,7 +40,7 @@ TINY = ("model=tiny", "data=synthetic", "trainer=cpu", "strategy=auto", "init_fr
 
 
 def expected(name: str) -> dict:
-    """The official recipe of an experiment, transcribed from spec section 8."""
+    """The official recipe of an experiment, transcribed from the official scripts."""
     m = NAME.match(name)
     assert m, f"experiment {name!r} does not follow <task>_[mrefm_]<data>_<size>_stage<n>"
     task, data, size, stage = m["task"], m["data"], m["size"], int(m["stage"])
@@ -128,7 +128,10 @@ def test_experiment_is_the_official_recipe(name):
         "epoch",
         0,
     )
-    assert cfg.optim.optimizer._target_ == "torch.optim.AdamW" and list(cfg.optim.optimizer.betas) == [0.9, 0.999]
+    assert cfg.optim.optimizer._target_ == "torch.optim.AdamW" and list(cfg.optim.optimizer.betas) == [
+        0.9,
+        0.999,
+    ]
     assert cfg.task.frozen_backbone is exp["frozen"]
     augment = cfg.data.augment
     assert augment.aug_crop and augment.aug_scale and augment.aug_translate and not augment.aug_blur

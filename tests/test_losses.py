@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oneref.models.oneref import OneRef, OneRefConfig
+from oneref.checkpoint import load_checkpoint_file
+from oneref.models.oneref import OneRef
+from oneref.parity import golden_config
 from oneref.tasks.losses import (
     GroundingCriterion,
     box_giou,
@@ -27,41 +29,21 @@ from oneref.tasks.losses import (
     sigmoid_focal_loss,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official-tiny"
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden set not found at {GOLDEN}")
 
-
-@pytest.fixture(scope="module")
-def golden() -> dict:
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden set not found at {GOLDEN}")
+@pytest.fixture(scope="session")
+def golden(golden_dir: Path) -> dict:
     return {
-        "cases": json.loads((GOLDEN / "losses.json").read_text())["cases"],
-        "inputs": torch.load(GOLDEN / "inputs.pt"),
-        "outputs_train.pt": torch.load(GOLDEN / "outputs_train.pt"),
-        "outputs_train_nomim.pt": torch.load(GOLDEN / "outputs_train_nomim.pt"),
+        "cases": json.loads((golden_dir / "losses.json").read_text())["cases"],
+        "inputs": torch.load(golden_dir / "inputs.pt"),
+        "outputs_train.pt": torch.load(golden_dir / "outputs_train.pt"),
+        "outputs_train_nomim.pt": torch.load(golden_dir / "outputs_train_nomim.pt"),
     }
 
 
-@pytest.fixture(scope="module")
-def model() -> OneRef:
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden set not found at {GOLDEN}")
-    a = json.loads((GOLDEN / "config.json").read_text())["architecture"]
-    cfg = OneRefConfig(
-        embed_dim=a["embed_dim"],
-        num_heads=a["attention_heads"],
-        depth=a["layers"],
-        ffn_dim=a["ffn_dim"],
-        img_size=a["img_size"],
-        patch_size=a["patch_size"],
-        vocab_size=a["vocab_size"],
-        max_source_positions=a["max_source_positions"],
-        seg_head=True,
-        mim_codebook_size=a["codebook_size"],
-    )
-    m = OneRef(cfg)
-    m.load_state_dict(torch.load(GOLDEN / "checkpoint.pth", weights_only=False)["model"], strict=True)
+@pytest.fixture(scope="session")
+def model(golden_dir: Path) -> OneRef:
+    m = OneRef(golden_config(golden_dir))
+    m.load_state_dict(load_checkpoint_file(golden_dir / "checkpoint.pth")["model"], strict=True)
     return m.train()
 
 
@@ -120,7 +102,6 @@ CASES = [
 ]
 
 
-@needs_golden
 @pytest.mark.parametrize("name", CASES)
 def test_golden_case_from_stored_outputs(golden: dict, model: OneRef, name: str) -> None:
     """Every losses.json case from the stored official outputs (contrastive: from our model)."""
@@ -148,7 +129,6 @@ def test_golden_case_from_stored_outputs(golden: dict, model: OneRef, name: str)
     check_case(criterion_for(case)(outputs, targets_for(case, inputs), logit_scale=logit_scale), case)
 
 
-@needs_golden
 @pytest.mark.parametrize("name", CASES)
 def test_golden_case_end_to_end(golden: dict, model: OneRef, name: str) -> None:
     """The same cases straight from our model's outputs (mim_logits for all patches)."""
@@ -159,7 +139,6 @@ def test_golden_case_end_to_end(golden: dict, model: OneRef, name: str) -> None:
     check_case(result, case, rtol=1e-5, atol=1e-5)
 
 
-@needs_golden
 @pytest.mark.parametrize("stored_name,mim", [("outputs_train.pt", True), ("outputs_train_nomim.pt", False)])
 def test_contrastive_equals_official_contrast_loss(
     golden: dict, model: OneRef, stored_name: str, mim: bool

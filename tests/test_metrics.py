@@ -11,14 +11,10 @@ import torch.nn.functional as F
 
 from oneref.tasks.metrics import RECMetrics, RESMetrics, pad_masks, rec_box_iou, res_pred_mask
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official-tiny"
 
-
-@pytest.fixture(scope="module")
-def golden() -> tuple[dict, dict]:
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden set not found at {GOLDEN}")
-    return torch.load(GOLDEN / "metrics.pt"), json.loads((GOLDEN / "metrics.json").read_text())
+@pytest.fixture(scope="session")
+def golden(golden_dir: Path) -> tuple[dict, dict]:
+    return torch.load(golden_dir / "metrics.pt"), json.loads((golden_dir / "metrics.json").read_text())
 
 
 def test_rec_matches_official(golden) -> None:

@@ -36,7 +36,7 @@ def test_output_shapes_with_every_head() -> None:
 
 
 def test_extra_padding_changes_no_output() -> None:
-    """Padding to the batch's longest or to max_query_len gives the same boxes (spec 9.7)."""
+    """Padding to the batch's longest or to max_query_len gives the same boxes (pads are key-masked and zeroed)."""
     torch.manual_seed(0)
     model = create_model("tiny", **TINY).eval()
     image, ids, pad = _inputs()

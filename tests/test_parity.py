@@ -1,7 +1,9 @@
-"""Golden parity with the official code (issue 2 item 5) through the real converter, strictly."""
+"""Golden parity with the official code, through the real converter, strictly, on every golden set
+found (tests/conftest.py GOLDEN_SETS)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,14 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import GOLDEN_ROOT, KEY_FILE, SHARED_GOLDEN
 from oneref.checkpoint import load_checkpoint_file
 from oneref.convert import main as convert_main
 from oneref.parity import PARITY_TOL, golden_config, parity_rows
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official-tiny"
-pytestmark = pytest.mark.skipif(
-    not GOLDEN.is_dir(), reason=f"{GOLDEN} (golden set from the official code) is absent"
-)
 
 EVAL = {
     "encoder_out",
@@ -35,14 +33,67 @@ TRAIN_NOMIM = {"pred_box", "visu_token_similarity", "seg_mask"} | {
 }
 
 
-def test_golden_config_reads_the_architecture() -> None:
-    cfg = golden_config(GOLDEN)
-    assert (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.ffn_dim, cfg.img_size) == (64, 4, 2, 256, 64)
-    assert (cfg.vocab_size, cfg.seg_head, cfg.mim_codebook_size, cfg.mlm_head) == (1000, True, 64, False)
+def test_golden_config_reads_the_architecture(golden_dir: Path) -> None:
+    a = json.loads((golden_dir / "config.json").read_text())["architecture"]
+    cfg = golden_config(golden_dir)
+    assert (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.ffn_dim, cfg.img_size) == (
+        a["embed_dim"],
+        a["attention_heads"],
+        a["layers"],
+        a["ffn_dim"],
+        a["img_size"],
+    )
+    assert (cfg.vocab_size, cfg.mim_codebook_size, cfg.grid_size) == (
+        a["vocab_size"],
+        a["codebook_size"],
+        a["grid"],
+    )
 
 
-def test_golden_parity_eval_and_train(one_thread) -> None:
-    rows, _ = parity_rows(GOLDEN)
+def test_in_repo_golden_sets_equal_the_workspace_copies() -> None:
+    """A set in ../shared/golden named like an in-repo set must be the same set (it is not run
+    twice); the in-repo key list must equal ../shared/spec's."""
+    compared = 0
+    for mine in sorted(p for p in GOLDEN_ROOT.iterdir() if (p / "config.json").is_file()):
+        theirs = SHARED_GOLDEN / mine.name
+        if not theirs.is_dir():
+            continue
+        files = {p.relative_to(mine) for p in mine.rglob("*") if p.is_file()}
+        files |= {p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file()}
+        differ = sorted(str(f) for f in files if not _same_file(mine / f, theirs / f))
+        assert not differ, f"{mine} and {theirs} differ in: {differ}"
+        compared += 1
+    spec = SHARED_GOLDEN.parent / "spec" / KEY_FILE.name
+    if spec.is_file():
+        assert spec.read_bytes() == KEY_FILE.read_bytes(), f"{KEY_FILE} differs from {spec}"
+    if not SHARED_GOLDEN.is_dir():
+        pytest.skip(f"no workspace golden sets at {SHARED_GOLDEN} to compare with (a user's clone)")
+    assert compared, f"no in-repo set has a counterpart in {SHARED_GOLDEN}"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if not (a.is_file() and b.is_file()):
+        return False
+    if a.read_bytes() == b.read_bytes():
+        return True
+    if a.suffix not in (".pt", ".pth"):  # torch archives are not byte-stable: compare their content
+        return False
+    x, y = load_checkpoint_file(a), load_checkpoint_file(b)
+    return _same_content(x, y)
+
+
+def _same_content(x, y) -> bool:
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_same_content(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return type(x) is type(y) and len(x) == len(y) and all(map(_same_content, x, y))
+    return x == y
+
+
+def test_golden_parity_eval_and_train(golden_dir: Path) -> None:
+    rows, _ = parity_rows(golden_dir)
     seen = {(file, name) for name, file, _, _ in rows}
     assert {("outputs_eval.pt", n) for n in EVAL} <= seen
     assert {("outputs_train_nomim.pt", n) for n in TRAIN_NOMIM} <= seen
@@ -50,9 +101,9 @@ def test_golden_parity_eval_and_train(one_thread) -> None:
     assert not bad, bad
 
 
-def test_parity_cli_exit_code() -> None:
+def test_parity_cli_exit_code(golden_dir: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "oneref.convert", "parity", str(GOLDEN)],
+        [sys.executable, "-m", "oneref.convert", "parity", str(golden_dir)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -61,15 +112,15 @@ def test_parity_cli_exit_code() -> None:
     assert "encoder_states" in run.stdout and "FAIL" not in run.stdout
 
 
-def _copy_golden(dst: Path) -> Path:
+def _copy_golden(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for name in ("config.json", "checkpoint.pth", "inputs.pt", "outputs_eval.pt", "outputs_train_nomim.pt"):
-        shutil.copyfile(GOLDEN / name, dst / name)
+        shutil.copyfile(src / name, dst / name)
     return dst
 
 
-def test_parity_cli_fails_on_a_tampered_output(tmp_path: Path, capsys, one_thread) -> None:
-    g = _copy_golden(tmp_path / "golden")
+def test_parity_cli_fails_on_a_tampered_output(golden_dir: Path, tmp_path: Path, capsys) -> None:
+    g = _copy_golden(golden_dir, tmp_path / "golden")
     ev = torch.load(g / "outputs_eval.pt", weights_only=True)
     ev["pred_box"] = ev["pred_box"] + 1e-3
     torch.save(ev, g / "outputs_eval.pt")
@@ -80,8 +131,8 @@ def test_parity_cli_fails_on_a_tampered_output(tmp_path: Path, capsys, one_threa
     assert "outputs_train.pt" not in out  # absent from this copy: skipped, not an error
 
 
-def test_parity_cli_fails_when_a_key_does_not_load(tmp_path: Path, capsys) -> None:
-    g = _copy_golden(tmp_path / "golden")
+def test_parity_cli_fails_when_a_key_does_not_load(golden_dir: Path, tmp_path: Path, capsys) -> None:
+    g = _copy_golden(golden_dir, tmp_path / "golden")
     ckpt = load_checkpoint_file(g / "checkpoint.pth")
     del ckpt["model"]["visu_proj.bias"]
     torch.save(ckpt, g / "checkpoint.pth")

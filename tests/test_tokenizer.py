@@ -1,4 +1,4 @@
-"""XLM-R id convention on top of sentencepiece (spec 6.5), checked against hand-written ids."""
+"""XLM-R id convention on top of sentencepiece (official XLMRobertaTokenizer), checked against hand-written ids."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 from pycocotools import mask as coco_mask
 
+from conftest import golden_part
 from oneref.data.transforms import (
     AugmentConfig,
     ObjMask,
@@ -21,16 +22,14 @@ from oneref.data.transforms import (
     nearest_indices,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official-tiny"
 # The references below call pycocotools directly (numpy 2 deprecation noise from its Cython objects).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def golden() -> Path:
-    if not (GOLDEN / "transforms" / "expected.pt").is_file():
-        pytest.skip(f"golden transforms not found at {GOLDEN / 'transforms'} (they ship in ../shared/golden)")
-    return GOLDEN
+@pytest.fixture(scope="session")
+def golden(golden_dir: Path) -> Path:
+    golden_part(golden_dir, "transforms")
+    return golden_dir
 
 
 @pytest.mark.parametrize("case", ["main", "small"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -97,7 +96,7 @@ class RefDataModule(L.LightningDataModule):
     Args:
         dataset: unc, unc+, gref, gref_umd, referit, flickr, mixup_with_refc, mixup_with_refc_referit
             or synthetic.
-        data_root: image folders (spec 6.1); for synthetic, the cache folder it is generated into.
+        data_root: image folders (records.IMAGE_DIRS); for synthetic, the cache folder it is generated into.
         split_root: split files `{split_root}/{dataset}/{dataset}_{split}.pth`; default
             `{data_root}/splits` (where the synthetic generator writes them).
         tokenizer: sentencepiece model path (`beit3.spm` for official weights); None for synthetic
@@ -373,11 +372,3 @@ class RefDataModule(L.LightningDataModule):
             raise ValueError(f"{ds.name}: no readable training record to average")
         mean = np.mean(np.stack(boxes), axis=0, dtype=np.float64)
         return torch.tensor(mean, dtype=torch.float32)
-
-    def steps_per_epoch(self) -> int:
-        """Training batches per epoch on this rank (for schedulers)."""
-        if self.train_set is None:
-            self.setup("fit")
-        world, _ = self._rank()
-        per_rank = math.ceil(len(self.train_set) / world)
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)

@@ -64,7 +64,7 @@ class RefDataset(Dataset):
     Args:
         dataset: one of `records.DATASETS`.
         split: e.g. "train", "val", "testA", "trainval".
-        data_root: folder holding the image folders (spec 6.1).
+        data_root: folder holding the image folders (records.IMAGE_DIRS).
         split_root: folder holding `{dataset}/{dataset}_{split}.pth`; default `data_root/splits`.
         img_size: side S of the square letterbox.
         train: draw training augmentations (`augment`) instead of the evaluation transform.

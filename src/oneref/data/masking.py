@@ -1,4 +1,6 @@
-"""Referring-aware masking targets of MRefM (spec 5.2, 5.3), built in the data pipeline.
+"""Referring-aware masking targets of MRefM (official
+``datasets/masking_generator.py`` ``Dynamic_MIM_MaskGenerator`` and
+``Visual_Target_Relation_Score_Generator``), built in the data pipeline.
 
 - :class:`ReferringMaskGenerator`: the official ``Dynamic_MIM_MaskGenerator``. The referred box,
   in patch units, truncated toward zero and grown by a 1-patch margin (clipped to the grid), is the

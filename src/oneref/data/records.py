@@ -1,7 +1,7 @@
 """The official split files: where they live, what their records hold, how to read them.
 
 Split files are `{split_root}/{dataset}/{dataset}_{split}.pth`, each a list of tuples
-(spec section 6.1, 6.2). Every record is normalised to a `RefRecord`:
+(official ``datasets/data_loader.py`` ``pull_item``). Every record is normalised to a `RefRecord`:
 
 | dataset                      | tuple                                              | box on disk |
 |------------------------------|----------------------------------------------------|-------------|
@@ -59,7 +59,7 @@ DEFAULT_TEST_SPLITS: dict[str, tuple[str, ...]] = {
     "synthetic": ("val", "test"),
 }
 
-# Image folders under data_root, per record source (spec 6.1).
+# Image folders under data_root, per record source (official datasets/data_loader.py).
 IMAGE_DIRS: dict[str, str] = {
     "coco": "other/images/mscoco/images/train2014",
     "referit": "referit/images",

@@ -1,6 +1,7 @@
 """XLM-R token ids from a sentencepiece model, without `transformers`.
 
-The official code tokenises with `transformers.XLMRobertaTokenizer(beit3.spm)` (spec section 6.5).
+The official code tokenises with `transformers.XLMRobertaTokenizer(beit3.spm)` (official
+`models/OneRef_model.py` `get_sentencepiece_model_for_beit3`).
 That tokenizer is a thin id mapping on top of sentencepiece (fairseq convention):
 
     <s> 0 (bos)   <pad> 1   </s> 2 (eos)   <unk> 3
@@ -9,7 +10,7 @@ That tokenizer is a thin id mapping on top of sentencepiece (fairseq convention)
 
 The five special tokens written literally in a text are kept whole, as the slow tokenizer does
 (`<mask>` also eats the whitespace on its left). Expressions are truncated to `max_query_len - 2`
-pieces, then bos/eos are added (spec section 3, item 1).
+pieces, then bos/eos are added (official `_get_text_segment`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Image, box and mask transforms of the official OneRef pipeline (spec section 6.4), fast.
+"""Image, box and mask transforms of the official OneRef pipeline (official ``datasets/__init__.py``
+``make_transforms`` and ``datasets/transforms.py``), fast.
 
 Evaluation (`eval_transform`) reproduces the official numbers exactly: long side -> `img_size` with
 PIL bilinear and Python's banker's `round`, `(uint8/255 - mean)/std` in float32, a centred zero

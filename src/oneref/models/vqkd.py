@@ -1,4 +1,5 @@
-"""VQ-KD visual tokenizer (BEiT v2): the frozen model that gives MRefM its MIM targets (spec 4.5).
+"""VQ-KD visual tokenizer (BEiT v2): the frozen model that gives MRefM its MIM targets (official
+``models/modeling_vqkd.py`` ``get_codebook_indices``).
 
 Only the tokenizing path is built: a ViT encoder (BEiT blocks: q and v biases, no k bias, no
 layer scale; mean-pooling variant, so ``fc_norm`` normalises the patch tokens), the

@@ -1,4 +1,4 @@
-"""Training losses of OneRef (official ``utils/loss_utils.one_ref_loss``; spec section 4).
+"""Training losses of OneRef (official ``utils/loss_utils.py`` ``one_ref_loss``).
 
 Every function is vectorised over the batch with static shapes and no host syncs, so it runs
 unchanged under ``torch.compile`` and CUDA graphs. Normalisation follows the official code: the
@@ -116,7 +116,7 @@ def downsample_mask_nearest(obj_mask: Tensor, grid: int) -> Tensor:
 def box_mask_constraint(
     visu_sim: Tensor, obj_mask: Tensor, grid: int | None = None, temperature: float | None = None
 ) -> dict[str, Tensor]:
-    """HiVG box-mask constraint (spec 4.2): focal x20 + dice x2 on the patch similarities.
+    """HiVG box-mask constraint (official ``one_ref_loss``, ``--use_box_mask_constraints``): focal x20 + dice x2 on the patch similarities.
 
     visu_sim (B, G*G) raw cosines; obj_mask (B,1,S,S). ``temperature`` divides the logits: a
     non-official option for training from scratch (the official uses the raw cosines, so
@@ -136,7 +136,7 @@ def box_mask_constraint(
 
 
 def seg_loss(seg_logits: Tensor, obj_mask: Tensor) -> dict[str, Tensor]:
-    """RES loss (spec 4.4): logits bilinearly upsampled to the mask size, focal x20 + dice x2."""
+    """RES loss (official ``one_ref_loss``, ``--use_mask_loss``): logits bilinearly upsampled to the mask size, focal x20 + dice x2."""
     up = F.interpolate(seg_logits, size=obj_mask.shape[-2:], mode="bilinear", align_corners=False)
     logits = up.flatten(1)
     target = obj_mask.flatten(1).to(logits.dtype)
@@ -203,7 +203,7 @@ def contrastive_loss(vision_cls: Tensor, language_cls: Tensor, logit_scale: Tens
 
 # -- MRefM -----------------------------------------------------------------------------------------
 def mim_loss(mim_logits: Tensor, codes: Tensor, masked: Tensor) -> Tensor:
-    """Mean cross-entropy over the masked patches (spec 4.5).
+    """Mean cross-entropy over the masked patches (official ``one_ref_loss`` ``loss_mim``).
 
     mim_logits (B,N,C) for every patch; codes (B,N) int64 codebook ids; masked (B,N) bool.
     Equal to the official ``cross_entropy(logits[masked], codes[masked])`` but with static shapes.

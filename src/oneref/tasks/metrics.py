@@ -1,4 +1,4 @@
-"""REC and RES evaluation metrics (official ``engine.evaluate`` / ``utils/eval_utils.py``; spec 7).
+"""REC and RES evaluation metrics (official ``engine.py`` ``evaluate`` and ``utils/eval_utils.py``).
 
 Both are torchmetrics ``Metric``s whose states are sums (counts, integer pixel counts, IoU sums),
 so a DDP all-reduce gives exactly the single-process result. That also fixes the official oIoU,
