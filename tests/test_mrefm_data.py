@@ -245,6 +245,8 @@ def test_bad_configuration(root: Path, tok: Tokenizer) -> None:
         MRefMConfig(dynamic_mask_ratio=2.0)
     with pytest.raises(ValueError, match="img_size 64 is not a multiple of patch_size 24"):
         _dm(root, {**MRefM, "patch_size": 24})
+    with pytest.raises(FileNotFoundError, match="split file not found .*tried"):
+        _dm(root, MRefM, split_root=root / "data")  # prepare_data: no parse of a missing file
     common = dict(data_root=root / "data", split_root=root / "splits", img_size=64, train=True, mrefm=MRefM)
     with pytest.raises(ValueError, match="needs the dataset to tokenise"):
         RefDataset("unc", "train", **common)

@@ -30,6 +30,7 @@ from oneref.data.records import (
     DATASETS,
     DEFAULT_TEST_SPLITS,
     RecordError,
+    load_records,
     load_split_file,
     parse_record,
     split_files,
@@ -275,6 +276,10 @@ class RefDataModule(L.LightningDataModule):
             )
         paths = []
         for f in split_files(self.resolved_split_root, self.dataset, self.train_split):
+            if not f.is_file():  # the same error as the dataset's, before any parsing
+                load_records(
+                    self.resolved_split_root, self.dataset, self.train_split, data_root=self.data_root
+                )
             paths.append(
                 ensure_anchor_cache(
                     self.anchor_cache_dir, f, parser, read_phrases=lambda f=f: self._split_phrases(f)
