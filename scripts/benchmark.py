@@ -10,7 +10,8 @@ Every subcommand returns rows (dicts) that are logged as a table and written as 
 
 Subcommands:
     data   training samples/s per loader worker at 384 px on JPEG images (decode, augment, letterbox,
-           mask, tokenise, collate), on synthetic 640x480 JPEGs in a temporary folder.
+           mask, tokenise, collate), on synthetic 640x480 JPEGs in a temporary folder; also with the
+           MRefM fields (`train+mrefm`: VQ-KD image, MIM mask, VTS, text masking).
     model  REC training steps (forward, loss, backward, AdamW) per second and peak memory, ours
            (bf16 autocast on CUDA, text padded to the batch's longest, fused attention, fused AdamW,
            optional compile and activation checkpointing) against the official numerics mode (fp32,
@@ -180,8 +181,10 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     import numpy as np
     from torch.utils.data import DataLoader
 
+    from oneref.data.anchors import RuleAnchorParser
     from oneref.data.datamodule import _init_worker
     from oneref.data.datasets import RefCollate, RefDataset, configure_worker_process
+    from oneref.data.mrefm import MRefMConfig
     from oneref.data.tokenizer import Tokenizer, train_sentencepiece
 
     configure_worker_process()  # what RefDataModule's DataLoader workers run first
@@ -191,13 +194,18 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         root = Path(tmp)
         phrases = _fake_coco(root, args.num_images, max(args.samples, 2 * args.batch_size), (w, h), args.seed)
         tok = Tokenizer(train_sentencepiece(phrases, root / "bench.model", vocab_size=64), 64)
+        # MRefM fields on top of the REC training pipeline (7 scales, so only the extra work differs)
+        mrefm = MRefMConfig(enabled=True, mim_scales=False)
+        anchors = dict(zip(phrases, RuleAnchorParser().parse(phrases)))
         configs = [
             ("train", False, {}),
+            ("train+mrefm", False, {}),
             ("train", True, {}),
             ("train-exact", False, {"resize_backend": "pil", "jpeg_draft": False}),
             ("eval", False, {}),
         ]
         for mode, seg, aug in configs:
+            with_mrefm = mode.endswith("+mrefm")
             ds = RefDataset(
                 "unc",
                 "train",
@@ -209,8 +217,10 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 seg_masks=seg,
                 tokenizer=tok,
                 seed=args.seed,
+                mrefm=mrefm if with_mrefm else None,
+                anchors=anchors if with_mrefm else None,
             )
-            collate = RefCollate(64)
+            collate = RefCollate(64, mrefm=mrefm)
             order = np.random.default_rng(args.seed).permutation(len(ds))[: args.samples]
             for i in order[:8]:  # warm-up (imports, caches)
                 ds[int(i)]

@@ -45,13 +45,16 @@ def find_golden_sets() -> list[tuple[str, Path]]:
 
 
 GOLDEN_SETS = find_golden_sets()
+# The MLM side of MRefM lives in a set's mlm/ folder (its own checkpoint and tokenizer).
+GOLDEN_MLM_SETS = [(f"{i}/mlm", p / "mlm") for i, p in GOLDEN_SETS if (p / "mlm" / "config.json").is_file()]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test that takes ``golden_dir`` runs once per golden set found."""
-    if "golden_dir" in metafunc.fixturenames:
-        ids, dirs = zip(*GOLDEN_SETS) if GOLDEN_SETS else ((), ())
-        metafunc.parametrize("golden_dir", dirs, ids=ids, indirect=True, scope="session")
+    for name, sets in (("golden_dir", GOLDEN_SETS), ("golden_mlm_dir", GOLDEN_MLM_SETS)):
+        if name in metafunc.fixturenames:
+            ids, dirs = zip(*sets) if sets else ((), ())
+            metafunc.parametrize(name, dirs, ids=ids, indirect=True, scope="session")
 
 
 # Small synthetic dataset shared by the whole session (generated once).
@@ -61,6 +64,12 @@ TINY_SYNTHETIC = {"num_train": 96, "num_val": 32, "num_test": 32}
 @pytest.fixture(scope="session")
 def golden_dir(request: pytest.FixtureRequest) -> Path:
     """One golden set (parametrized over GOLDEN_SETS by pytest_generate_tests)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def golden_mlm_dir(request: pytest.FixtureRequest) -> Path:
+    """The mlm/ folder of one golden set (parametrized over GOLDEN_MLM_SETS)."""
     return request.param
 
 

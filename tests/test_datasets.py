@@ -67,9 +67,17 @@ def _jpeg(path: Path, w: int, h: int, seed: int) -> None:
     Image.fromarray(arr).save(path, "JPEG", quality=90)
 
 
-def _split(root: Path, ds: str, split: str, records: list) -> None:
-    (root / ds).mkdir(parents=True, exist_ok=True)
-    torch.save(records, root / ds / f"{ds}_{split}.pth")
+def _split(root: Path, ds: str, split: str, records: list, flat: bool = False) -> Path:
+    """Write a split file in the released annotation layout (or the flat one)."""
+    if flat:
+        path = root / ds / f"{ds}_{split}.pth"
+    elif ds.startswith("mixup"):
+        path = root / ds / "mixup" / f"mixup_{split}.pth"
+    else:
+        path = root / "single_dataset" / ds / f"{ds}_{split}.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(records, path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +179,21 @@ def test_datamodule_reads_every_format(fake_root: dict[str, Path], dataset: str)
     assert val["text_ids"].shape[1] == (~val["text_padding_mask"]).sum(1).max()  # longest in batch
 
 
+def test_flat_split_layout_is_read_too(fake_root: dict[str, Path], tmp_path: Path) -> None:
+    """The flat {dataset}/{dataset}_{split}.pth layout is the alternative to the released one."""
+    for split in ("train", "val", "test"):
+        _split(tmp_path, "mixup_with_refc", split, MIXUP_RECORDS[:2], flat=True)
+        _split(tmp_path, "gref_umd", split, COCO_RECORDS[:1], flat=True)
+    dm = _dm(fake_root, "mixup_with_refc", split_root=tmp_path)
+    dm.setup("fit")
+    assert len(dm.train_set) == 2 and next(iter(dm.train_dataloader()))["image"].shape == (2, 3, 64, 64)
+    assert len(RefDataset("gref_umd", "test", fake_root["data"], tmp_path)) == 1
+    # both layouts present: the released file wins
+    _split(tmp_path, "gref_umd", "test", COCO_RECORDS)
+    assert len(RefDataset("gref_umd", "test", fake_root["data"], tmp_path)) == len(COCO_RECORDS)
+    assert verify_main(["--data-root", str(fake_root["data"]), "--split-root", str(tmp_path)]) == 0
+
+
 def test_seg_masks_are_the_decoded_polygons(fake_root: dict[str, Path]) -> None:
     dm = _dm(fake_root, "unc", seg_masks=True, test_splits=["val"])
     dm.setup("test")
@@ -238,9 +261,18 @@ def test_missing_root_and_split_file(fake_root: dict[str, Path], tmp_path: Path)
     with pytest.raises(FileNotFoundError, match="data root not found") as err:
         _dm(fake_root, "unc", data_root=tmp_path / "nowhere").setup("fit")
     assert "Expected layout" in str(err.value) and "other/images/mscoco" in str(err.value)
-    with pytest.raises(FileNotFoundError, match="unc_testA.pth") as err:
+    with pytest.raises(FileNotFoundError, match="split file not found .*'unc', split 'val'.*tried") as err:
         _dm(fake_root, "unc", split_root=tmp_path).setup("test")
-    assert "<split_root>/<dataset>/<dataset>_<split>.pth" in str(err.value)
+    msg = str(err.value)
+    assert (
+        str(tmp_path / "single_dataset/unc/unc_val.pth") in msg and str(tmp_path / "unc/unc_val.pth") in msg
+    )
+    assert "<split_root>/single_dataset/<dataset>/<dataset>_<split>.pth" in msg
+    assert "<split_root>/<dataset>/<dataset>_<split>.pth" in msg
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(fake_root, "mixup_with_refc", split_root=tmp_path).setup("fit")
+    assert str(tmp_path / "mixup_with_refc/mixup/mixup_train.pth") in str(err.value)
+    assert str(tmp_path / "mixup_with_refc/mixup_with_refc_train.pth") in str(err.value)
     with pytest.raises(ValueError, match="valid splits"):
         RefDataset("gref", "testA", fake_root["data"], fake_root["splits"])
 
@@ -367,10 +399,10 @@ def test_verify_cli(
         1,
         1,
     )
+    splits = bad_root / "splits"
     assert rep["problems"] == [
-        "unc: missing split file " + str(bad_root / "splits/unc/unc_val.pth"),
-        "unc: missing split file " + str(bad_root / "splits/unc/unc_testA.pth"),
-        "unc: missing split file " + str(bad_root / "splits/unc/unc_testB.pth"),
+        f"unc: missing split file {splits}/single_dataset/unc/unc_{s}.pth or {splits}/unc/unc_{s}.pth"
+        for s in ("val", "testA", "testB")
     ]
     rc = verify_main(
         [

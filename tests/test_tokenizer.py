@@ -49,6 +49,9 @@ def test_encode_hand_written(tok: Tokenizer) -> None:
     assert tok.encode("red <mask> circle") == [0, 4, 9, 5, 2]  # literal special tokens stay whole
     assert tok.encode("<s>red</s>") == [0, 0, 4, 2, 2]
     assert tok.tokenize("blue  square") == ["▁blue", "▁square"]
+    # piece strings as XLMRobertaTokenizer.tokenize: an unknown piece keeps its string (its id is <unk>)
+    assert tok.tokenize("red purple circle") == ["▁red", "▁purple", "▁circle"]
+    assert tok.tokenize("red <mask> circle") == ["▁red", "<mask>", "▁circle"]
     assert tok.decode([0, 4, 5, 2, 1, 1]) == "red circle"
 
 

@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-heads", type=int, help="attention heads, only for widths that are no registered size"
     )
     o.add_argument(
-        "--resize-positions", action="store_true", help="allow a different --img-size (bicubic, as official fine-tuning)"
+        "--resize-positions",
+        action="store_true",
+        help="allow a different --img-size (bicubic, as official fine-tuning)",
     )
     o.add_argument("--tokenizer", help="beit3.spm to copy into the folder")
     o.add_argument(

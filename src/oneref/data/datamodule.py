@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -14,8 +15,25 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
+from oneref.data.anchors import (
+    AnchorParser,
+    Anchors,
+    ensure_anchor_cache,
+    make_parser,
+    merge_anchor_maps,
+    read_anchor_cache,
+)
 from oneref.data.datasets import RefCollate, RefDataset, configure_worker_process
-from oneref.data.records import DATASETS, DEFAULT_TEST_SPLITS
+from oneref.data.mrefm import MRefMConfig
+from oneref.data.records import (
+    DATASETS,
+    DEFAULT_TEST_SPLITS,
+    RecordError,
+    load_records,
+    load_split_file,
+    parse_record,
+    split_files,
+)
 from oneref.data.synthetic import SyntheticConfig, SyntheticPaths, ensure_synthetic
 from oneref.data.tokenizer import Tokenizer
 from oneref.data.transforms import AugmentConfig, letterbox_box
@@ -97,8 +115,10 @@ class RefDataModule(L.LightningDataModule):
         dataset: unc, unc+, gref, gref_umd, referit, flickr, mixup_with_refc, mixup_with_refc_referit
             or synthetic.
         data_root: image folders (records.IMAGE_DIRS); for synthetic, the cache folder it is generated into.
-        split_root: split files `{split_root}/{dataset}/{dataset}_{split}.pth`; default
-            `{data_root}/splits` (where the synthetic generator writes them).
+        split_root: the released annotations as downloaded (`single_dataset/<name>/<name>_<split>.pth`,
+            `mixup_with_refc/mixup/mixup_<split>.pth`, ...) or the flat `{dataset}/{dataset}_{split}.pth`
+            layout (`records.split_file_candidates`); default `{data_root}/splits` (where the
+            synthetic generator writes them).
         tokenizer: sentencepiece model path (`beit3.spm` for official weights); None for synthetic
             uses the model generated with the data.
         img_size, max_query_len: letterbox side S, text ids per expression (with bos/eos).
@@ -119,6 +139,9 @@ class RefDataModule(L.LightningDataModule):
         cache_samples: keep loaded samples in memory (RefDataset; deterministic samples only).
         orig_masks: evaluation batches also carry the object masks at each image's own size
             (``orig_mask``, a list), for RES metrics at the original resolution.
+        mrefm: `oneref.data.mrefm.MRefMConfig` fields: training batches also carry the MRefM inputs
+            (off by default). `prepare_data` then parses the training phrases once per split file
+            into the anchor cache (`oneref.data.anchors`).
     """
 
     def __init__(
@@ -147,6 +170,7 @@ class RefDataModule(L.LightningDataModule):
         mean_box_samples: int | None = 20000,
         cache_samples: bool = False,
         orig_masks: bool = False,
+        mrefm: Mapping[str, Any] | MRefMConfig | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -175,6 +199,9 @@ class RefDataModule(L.LightningDataModule):
         self.mean_box_samples = mean_box_samples
         self.cache_samples = bool(cache_samples)
         self.orig_masks = bool(orig_masks)
+        self.mrefm = MRefMConfig.from_any(_plain(mrefm))
+        self._anchor_parser: AnchorParser | None = None
+        self._warned_rules = False
         self._tokenizer: Tokenizer | None = None
         self.train_set: RefDataset | None = None
         self.val_sets: list[RefDataset] = []
@@ -201,6 +228,8 @@ class RefDataModule(L.LightningDataModule):
                 "synthetic": self.synthetic.as_dict() if self.synthetic else None,
                 "seed": self.seed,
                 "drop_last": self.drop_last,
+                # only when on, so that runs without MRefM keep their hyperparameters unchanged
+                **({"mrefm": self.mrefm.as_dict()} if self.mrefm.enabled else {}),
             }
         )
 
@@ -211,8 +240,64 @@ class RefDataModule(L.LightningDataModule):
         return ensure_synthetic(self.data_root, self.synthetic)
 
     def prepare_data(self) -> None:
-        """Generates the synthetic dataset if it is missing (rank 0; other datasets: nothing)."""
+        """Generates the synthetic dataset if it is missing; with MRefM, parses the training
+        phrases into the anchor cache if not cached yet (rank 0)."""
         self._ensure_synthetic()
+        if self.mrefm.enabled:
+            self._anchor_cache_files()
+
+    # --- MRefM anchors ------------------------------------------------------------------------------
+    @property
+    def anchor_parser(self) -> AnchorParser:
+        if self._anchor_parser is None:
+            m = self.mrefm
+            if m.spacy_model is None:
+                kwargs: dict[str, Any] = {}
+            else:
+                kwargs = {"batch_size": m.spacy_batch_size, "n_process": m.spacy_processes}
+            self._anchor_parser = make_parser(m.spacy_model, **kwargs)
+        return self._anchor_parser
+
+    @property
+    def anchor_cache_dir(self) -> Path:
+        if self.mrefm.cache_dir:
+            return Path(self.mrefm.cache_dir).expanduser()
+        return Path(os.environ.get("ONEREF_CACHE", ".cache")).expanduser() / "anchors"
+
+    def _anchor_cache_files(self) -> list[Path]:
+        """One cache file per training split file, parsed here when missing."""
+        parser = self.anchor_parser
+        if parser.backend == "rules" and not self._warned_rules:
+            self._warned_rules = True
+            log.warning(
+                "MRefM anchors: no spaCy model configured (data.mrefm.spacy_model), using the rule-based "
+                "fallback; its subjects/objects differ from the official en_core_web_md parses"
+            )
+        paths = []
+        for f in split_files(self.resolved_split_root, self.dataset, self.train_split):
+            if not f.is_file():  # the same error as the dataset's, before any parsing
+                load_records(
+                    self.resolved_split_root, self.dataset, self.train_split, data_root=self.data_root
+                )
+            paths.append(
+                ensure_anchor_cache(
+                    self.anchor_cache_dir, f, parser, read_phrases=lambda f=f: self._split_phrases(f)
+                )
+            )
+        return paths
+
+    def _split_phrases(self, path: Path) -> list[str]:
+        phrases = []
+        for k, raw in enumerate(load_split_file(path)):
+            try:
+                phrases.append(parse_record(self.dataset, raw, where=f"{path} record {k}").phrase)
+            except RecordError:  # reported (or raised) when the dataset loads the split
+                continue
+        return phrases
+
+    def train_anchors(self) -> dict[str, Anchors]:
+        """phrase -> Anchors of the training split (parsed first if not cached)."""
+        return merge_anchor_maps(read_anchor_cache(p) for p in self._anchor_cache_files())
 
     @property
     def resolved_split_root(self) -> Path:
@@ -236,6 +321,7 @@ class RefDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def _make(self, split: str, train: bool) -> RefDataset:
+        mrefm = train and self.mrefm.enabled
         return RefDataset(
             self.dataset,
             split,
@@ -251,6 +337,8 @@ class RefDataModule(L.LightningDataModule):
             image_dirs=self.image_dirs,
             cache_samples=self.cache_samples,
             orig_masks=self.orig_masks,  # the dataset applies it to evaluation splits only
+            mrefm=self.mrefm if mrefm else None,
+            anchors=self.train_anchors() if mrefm else None,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -275,7 +363,7 @@ class RefDataModule(L.LightningDataModule):
 
     # --- loaders ------------------------------------------------------------------------------------
     def _collate(self) -> RefCollate:
-        return RefCollate(self.max_query_len, self.pad_to_max_len, self.tokenizer)
+        return RefCollate(self.max_query_len, self.pad_to_max_len, self.tokenizer, self.mrefm)
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -7,6 +7,10 @@ tokenised and checked here; it stays compact (the resized uint8 image and its pl
     image float32 (B,3,S,S), image_mask bool (B,S,S), text_ids int64 (B,L), text_padding_mask bool (B,L),
     box float32 (B,4) cxcywh normalised, obj_mask bool (B,1,S,S), index int64 (B,), orig_size int64 (B,2),
     letterbox float32 (B,3) (ratio, left, top), orig_box float32 (B,4) x1y1x2y2, phrase, image_file
+
+With MRefM on (``data.mrefm.enabled``, training splits only) the batch also holds the fields of
+`oneref.data.mrefm.collate_mrefm` and ``vqkd_image`` uint8 (B,3,S,S), the same letterbox before
+normalisation with black padding (``vqkd_image.float() / 255`` is the official VQ-KD input).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
+from oneref.data.anchors import Anchors
+from oneref.data.mrefm import MIM_NUM_SCALES, MRefMBuilder, MRefMConfig, collate_mrefm
 from oneref.data.records import (
     DATASETS,
     IMAGE_DIRS,
@@ -30,6 +36,7 @@ from oneref.data.records import (
     check_root,
     load_records,
     record_problem,
+    split_files,
 )
 from oneref.data.tokenizer import PAD_ID, Tokenizer
 from oneref.data.transforms import AugmentConfig, ObjMask, TrainTransform, eval_transform
@@ -65,7 +72,9 @@ class RefDataset(Dataset):
         dataset: one of `records.DATASETS`.
         split: e.g. "train", "val", "testA", "trainval".
         data_root: folder holding the image folders (records.IMAGE_DIRS).
-        split_root: folder holding `{dataset}/{dataset}_{split}.pth`; default `data_root/splits`.
+        split_root: the released annotations folder (`single_dataset/`, `mixup_with_refc/`, ...) or
+            a flat `{dataset}/{dataset}_{split}.pth` folder (`records.split_file_candidates`);
+            default `data_root/splits`.
         img_size: side S of the square letterbox.
         train: draw training augmentations (`augment`) instead of the evaluation transform.
         seg_masks: object masks from the COCO polygons (RES); otherwise the box rectangle.
@@ -79,6 +88,9 @@ class RefDataset(Dataset):
             (main or loader worker) holds its own cache.
         orig_masks: also return the object mask at the image's own size (``orig_mask``, bool (h, w)),
             for RES metrics at the original resolution. Evaluation only.
+        mrefm: MRefM fields (`oneref.data.mrefm`); used by training splits when enabled, which then
+            need `tokenizer` and `anchors`.
+        anchors: phrase -> subject/object words (`oneref.data.anchors`), for MRefM.
     """
 
     def __init__(
@@ -97,6 +109,8 @@ class RefDataset(Dataset):
         image_dirs: Mapping[str, str | Path] | None = None,
         cache_samples: bool = False,
         orig_masks: bool = False,
+        mrefm: MRefMConfig | Mapping[str, Any] | None = None,
+        anchors: Mapping[str, Anchors] | None = None,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
@@ -108,7 +122,9 @@ class RefDataset(Dataset):
         check_root(self.data_root, "data root", self.data_root, self.split_root)
         records, problems = load_records(self.split_root, dataset, split, bad_samples, self.data_root)
         if not records:
-            raise ValueError(f"{dataset}/{split}: no usable records in {self.split_root / dataset}")
+            raise ValueError(
+                f"{dataset}/{split}: no usable records in {split_files(self.split_root, dataset, split)}"
+            )
         self.records = RecordStore(records)
         self.num_unparsable = len(problems)
         dirs = {k: self.data_root / v for k, v in IMAGE_DIRS.items()}
@@ -117,7 +133,10 @@ class RefDataset(Dataset):
         self.img_size = int(img_size)
         self.train = bool(train)
         self.augment = AugmentConfig.from_any(augment)
-        self.transform = TrainTransform(self.img_size, self.augment) if self.train else None
+        self.mrefm = MRefMConfig.from_any(mrefm) if mrefm is not None else None
+        use_mrefm = self.train and self.mrefm is not None and self.mrefm.enabled
+        num_scales = MIM_NUM_SCALES if use_mrefm and self.mrefm.mim_scales else 7
+        self.transform = TrainTransform(self.img_size, self.augment, num_scales) if self.train else None
         self.cache_samples = bool(cache_samples)
         if self.cache_samples and self.train and self.augment.enabled:
             raise ValueError(
@@ -130,11 +149,33 @@ class RefDataset(Dataset):
         self.tokenizer = tokenizer
         self.bad_samples = bad_samples
         self.seed = int(seed)
+        self._mrefm: MRefMBuilder | None = None
+        self._anchors: RecordStore | None = None
+        if use_mrefm:
+            self._setup_mrefm(tokenizer, anchors)
         # Shared with worker processes: the epoch (set by the sampler) and which samples were bad.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._bad = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
         self._logged_bad = 0
         log.info("%s/%s: %d samples (train=%s, seg_masks=%s)", dataset, split, len(self), train, seg_masks)
+
+    def _setup_mrefm(self, tokenizer: Tokenizer | None, anchors: Mapping[str, Anchors] | None) -> None:
+        if tokenizer is None:
+            raise ValueError(f"{self.name}: data.mrefm needs the dataset to tokenise (pass tokenizer=)")
+        if anchors is None:
+            raise ValueError(
+                f"{self.name}: data.mrefm needs the subject/object anchors of the split "
+                "(RefDataModule.prepare_data parses them; or pass anchors=)"
+            )
+        missing = [(i, r.phrase) for i, r in enumerate(self.records) if r.phrase not in anchors]
+        if missing:
+            i, phrase = missing[0]
+            raise ValueError(
+                f"{self.name}: {len(missing)} phrases have no parsed anchors, e.g. sample {i} {phrase!r}; "
+                "the anchor cache does not belong to this split file (delete it to parse again)"
+            )
+        self._anchors = RecordStore([anchors[r.phrase] for r in self.records])
+        self._mrefm = MRefMBuilder(self.mrefm, self.img_size, tokenizer.mask_id, tokenizer.vocab_size)
 
     @property
     def name(self) -> str:
@@ -215,8 +256,23 @@ class RefDataset(Dataset):
             sample = self._cache.get(index)
             if sample is None:
                 sample = self._cache[index] = self._load(index)
-            return sample
-        return self._load(index)
+        else:
+            sample = self._load(index)
+        if self._mrefm is not None:  # drawn per epoch, also for cached samples
+            sample = {**sample, "mrefm": self._mrefm_fields(sample)}
+        return sample
+
+    def _mrefm_fields(self, sample: dict[str, Any]) -> dict[str, Any]:
+        index = sample["index"]
+        return self._mrefm(
+            sample["result"].box,
+            sample["text_ids"],
+            self.tokenizer.tokenize(sample["phrase"]),
+            self._anchors[index],
+            self.seed,
+            self.epoch,
+            index,
+        )
 
     def _load(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
@@ -264,14 +320,23 @@ class RefDataset(Dataset):
 
 
 class RefCollate:
-    """Stack samples into the shared batch dict; pad text to the batch's longest or to max_query_len."""
+    """Stack samples into the shared batch dict; pad text to the batch's longest or to max_query_len.
+
+    Samples carrying MRefM fields (training with ``data.mrefm``) add those of `collate_mrefm` and
+    ``vqkd_image``; ``mrefm`` sets their layout (default: `MRefMConfig()`).
+    """
 
     def __init__(
-        self, max_query_len: int = 64, pad_to_max_len: bool = False, tokenizer: Tokenizer | None = None
+        self,
+        max_query_len: int = 64,
+        pad_to_max_len: bool = False,
+        tokenizer: Tokenizer | None = None,
+        mrefm: MRefMConfig | None = None,
     ):
         self.max_query_len = int(max_query_len)
         self.pad_to_max_len = bool(pad_to_max_len)
         self.tokenizer = tokenizer
+        self.mrefm = mrefm if mrefm is not None else MRefMConfig()
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         pad_to = self.max_query_len if self.pad_to_max_len else None
@@ -291,6 +356,16 @@ class RefCollate:
         im, pm, om = image.numpy(), image_mask.numpy(), obj_mask.numpy()
         for k, r in enumerate(results):
             r.write(im[k], pm[k], om[k, 0])
+        mrefm: dict[str, Any] = {}
+        if samples[0].get("mrefm") is not None:
+            vqkd_image = _batch_buffer((b, 3, size, size), torch.uint8)
+            vi = vqkd_image.numpy()
+            for k, r in enumerate(results):
+                r.write_uint8(vi[k])
+            mrefm = {
+                "vqkd_image": vqkd_image,
+                **collate_mrefm(samples, ids.shape[1], self.mrefm, self.max_query_len),
+            }
         return {
             "image": image,
             "image_mask": image_mask,
@@ -314,6 +389,7 @@ class RefCollate:
                 if samples[0].get("orig_mask") is not None
                 else {}
             ),
+            **mrefm,
         }
 
 

@@ -18,6 +18,7 @@ Both take the box as normalised (cx, cy, w, h) in the letterbox, as the datasets
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,12 +73,20 @@ class ReferringMaskGenerator:
         return mask
 
 
+@functools.lru_cache(maxsize=8)
+def _patch_indices(g: int) -> tuple[np.ndarray, np.ndarray]:
+    # built once per grid size: this runs for every training sample with MRefM on
+    rows, cols = np.meshgrid(np.arange(g, dtype=np.float32), np.arange(g, dtype=np.float32), indexing="ij")
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
+
+
 def visual_target_relation_scores(box_cxcywh: Sequence[float], grid: int) -> np.ndarray:
     """(grid*grid, 4) float32 VTS targets of one box, row-major over the patch grid."""
     g = grid
     cx, cy, w, h = (np.float32(v) * np.float32(g) for v in box_cxcywh)
     w, h = max(w, np.float32(1)), max(h, np.float32(1))
-    rows, cols = np.meshgrid(np.arange(g, dtype=np.float32), np.arange(g, dtype=np.float32), indexing="ij")
+    rows, cols = _patch_indices(g)
     out = np.empty((g, g, 4), dtype=np.float32)
     out[..., 0] = (cols - cx) / np.float32(g)
     out[..., 1] = (rows - cy) / np.float32(g)

@@ -1,7 +1,15 @@
 """The official split files: where they live, what their records hold, how to read them.
 
-Split files are `{split_root}/{dataset}/{dataset}_{split}.pth`, each a list of tuples
-(official ``datasets/data_loader.py`` ``pull_item``). Every record is normalised to a `RefRecord`:
+Each split file is a list of tuples. Two layouts of `split_root` are read (`split_file_candidates`):
+
+- released: the authors' annotation download as unpacked, one folder holding
+  `single_dataset/{dataset}/{dataset}_{split}.pth` and the pretraining mixes
+  `mixup_with_refc/mixup/mixup_{split}.pth`, `mixup_with_refc_referit/mixup/mixup_{split}.pth`
+  (the official scripts pass `--dataset mixup --split_root .../mixup_with_refc`);
+- flat: `{dataset}/{dataset}_{split}.pth` for every dataset (the official `--split_root` of the
+  single datasets; the synthetic set is written this way).
+
+Every record is normalised to a `RefRecord` (official ``datasets/data_loader.py`` ``pull_item``):
 
 | dataset                      | tuple                                              | box on disk |
 |------------------------------|----------------------------------------------------|-------------|
@@ -72,7 +80,11 @@ Expected layout (docs/data.md), with data_root = {data_root} and split_root = {s
   <data_root>/other/images/mscoco/images/train2014/COCO_train2014_*.jpg   unc, unc+, gref, gref_umd, mixups
   <data_root>/referit/images/*.jpg                                       referit, mixup_with_refc_referit
   <data_root>/Flickr30k/flickr30k-images/*.jpg                           flickr
-  <split_root>/<dataset>/<dataset>_<split>.pth                            e.g. unc/unc_testA.pth
+  split files, the released annotations as downloaded (one split_root holding three folders):
+  <split_root>/single_dataset/<dataset>/<dataset>_<split>.pth             e.g. single_dataset/unc/unc_testA.pth
+  <split_root>/mixup_with_refc/mixup/mixup_<split>.pth                    mixup_with_refc
+  <split_root>/mixup_with_refc_referit/mixup/mixup_<split>.pth            mixup_with_refc_referit
+  or flat: <split_root>/<dataset>/<dataset>_<split>.pth                   e.g. unc/unc_testA.pth
   synthetic: <data_root>/images/*.jpg, <data_root>/splits/synthetic/synthetic_<split>.pth"""
 
 
@@ -175,8 +187,36 @@ def record_problem(rec: RefRecord) -> str | None:
     return None
 
 
+RELEASED_SINGLE_DIR = "single_dataset"  # folder of the single datasets in the released annotations
+RELEASED_MIXUP_NAME = "mixup"  # official dataset name of both mixes: <mix>/mixup/mixup_<split>.pth
+
+
+def split_file_candidates(split_root: str | Path, dataset: str, split: str) -> list[Path]:
+    """Where a split file may be, in the order tried: the released layout, then the flat one."""
+    root = Path(split_root)
+    flat = root / dataset / f"{dataset}_{split}.pth"
+    if dataset == "synthetic":
+        return [flat]
+    if dataset in MIXUP_DATASETS:
+        name = RELEASED_MIXUP_NAME
+        return [root / dataset / name / f"{name}_{split}.pth", flat]
+    return [root / RELEASED_SINGLE_DIR / dataset / f"{dataset}_{split}.pth", flat]
+
+
 def split_file(split_root: str | Path, dataset: str, split: str) -> Path:
-    return Path(split_root) / dataset / f"{dataset}_{split}.pth"
+    """The first existing candidate (`split_file_candidates`); the first one if none exists."""
+    candidates = split_file_candidates(split_root, dataset, split)
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def dataset_dirs(split_root: str | Path, dataset: str) -> list[Path]:
+    """Folders that hold a dataset's split files in either layout."""
+    return list(dict.fromkeys(c.parent for c in split_file_candidates(split_root, dataset, "train")))
+
+
+def missing_split_file_message(split_root: str | Path, dataset: str, split: str) -> str:
+    tried = "\n".join(f"  {c}" for c in split_file_candidates(split_root, dataset, split))
+    return f"split file not found (dataset {dataset!r}, split {split!r}); tried:\n{tried}"
 
 
 def split_files(split_root: str | Path, dataset: str, split: str) -> list[Path]:
@@ -185,9 +225,11 @@ def split_files(split_root: str | Path, dataset: str, split: str) -> list[Path]:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
     if split not in SPLITS[dataset]:
         raise ValueError(f"dataset {dataset!r} has no split {split!r}; valid splits: {list(SPLITS[dataset])}")
-    if split == "trainval" and dataset != "referit":
-        return [split_file(split_root, dataset, s) for s in ("train", "val")]
-    return [split_file(split_root, dataset, split)]
+    return [split_file(split_root, dataset, s) for s in _file_split_names(dataset, split)]
+
+
+def _file_split_names(dataset: str, split: str) -> list[str]:
+    return ["train", "val"] if split == "trainval" and dataset != "referit" else [split]
 
 
 def load_split_file(path: str | Path) -> list:
@@ -235,10 +277,11 @@ def load_records(
     """
     check_root(split_root, "split root", data_root, split_root)
     files = split_files(split_root, dataset, split)
-    for f in files:
+    for f, s in zip(files, _file_split_names(dataset, split)):
         if not f.is_file():
             raise FileNotFoundError(
-                f"split file not found: {f} (dataset {dataset!r}, split {split!r})\n"
+                missing_split_file_message(split_root, dataset, s)
+                + "\n"
                 + expected_layout(data_root, split_root)
             )
     records: list[RefRecord] = []

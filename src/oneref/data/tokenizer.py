@@ -130,8 +130,24 @@ class Tokenizer:
         return self._sp.id_to_piece(idx - _FAIRSEQ_OFFSET)
 
     def tokenize(self, text: str) -> list[str]:
-        """Pieces as `XLMRobertaTokenizer.tokenize` returns them (no bos/eos, no truncation)."""
-        return [self.id_to_piece(i) for i in self._ids_no_special(text)]
+        """Pieces as `XLMRobertaTokenizer.tokenize` returns them (no bos/eos, no truncation).
+
+        The piece strings of sentencepiece (a piece outside the vocabulary keeps its own string, as
+        in the official tokenizer, although its id is `<unk>`); literal special tokens stay whole.
+        """
+        if "<" not in text:
+            return self._sp.encode(text, out_type=str)
+        out: list[str] = []
+        parts = _SPECIAL_RE.split(text)
+        for k, part in enumerate(parts):
+            if k % 2 == 1:
+                out.append(part)
+                continue
+            if k + 1 < len(parts) and parts[k + 1] == "<mask>":
+                part = part.rstrip()  # <mask> is an lstrip token in XLM-R
+            if part.strip():
+                out.extend(self._sp.encode(part, out_type=str))
+        return out
 
     def _ids_no_special(self, text: str) -> list[int]:
         if "<" not in text:

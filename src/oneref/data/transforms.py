@@ -217,6 +217,15 @@ class TransformResult:
         normalize_and_pad(self.pixels, self.top, self.left, image, image_mask, self.value_lut)
         self.mask.paste(obj_mask, self.top, self.left)
 
+    def write_uint8(self, image: np.ndarray) -> None:
+        """Fill uint8 (3, S, S) with the same letterbox before normalisation, black padding: the
+        VQ-KD input of MRefM (official ``NormalizeAndPad_FOR_MIM``, its un-normalised copy).
+        ``image / 255`` in float32 equals the official ``to_tensor`` values bit for bit."""
+        pixels = _apply(self.pixels, self.value_lut)
+        h, w = pixels.shape[:2]
+        image[...] = 0
+        image[:, self.top : self.top + h, self.left : self.left + w] = pixels.transpose(2, 0, 1)
+
     def image(self) -> torch.Tensor:
         out = np.empty((3, self.size, self.size), dtype=np.float32)
         pad = np.empty((self.size, self.size), dtype=bool)
@@ -348,7 +357,9 @@ class TrainTransform:
 
     MAX_CROP_TRIES = 20
 
-    def __init__(self, img_size: int, cfg: AugmentConfig | Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, img_size: int, cfg: AugmentConfig | Mapping[str, Any] | None = None, num_scales: int = 7
+    ) -> None:
         self.img_size = int(img_size)
         self.cfg = AugmentConfig.from_any(cfg)
         s = self.img_size
@@ -357,14 +368,19 @@ class TrainTransform:
             mode = "official" if s >= 384 else "relative"
         if mode not in ("official", "relative"):
             raise ValueError(f"scale_mode must be official, relative or auto, got {self.cfg.scale_mode!r}")
+        # 7 long-side scales in the official grounding transform, 6 in DataAugmentationForMIM (MRefM)
+        if not 1 <= num_scales <= 7:
+            raise ValueError(f"num_scales must be in 1..7, got {num_scales}")
         if mode == "official":
-            self.scales = [s - 32 * i for i in range(7)] if self.cfg.aug_scale else [s]
+            self.scales = [s - 32 * i for i in range(num_scales)] if self.cfg.aug_scale else [s]
             self.short_sizes = [400, 500, 600]
             self.crop_min, self.crop_max = 384, 600
             self.blur_scale = 1.0
         else:
             f = s / 384.0
-            self.scales = [round(s * k / 12) for k in range(12, 5, -1)] if self.cfg.aug_scale else [s]
+            self.scales = (
+                [round(s * k / 12) for k in range(12, 12 - num_scales, -1)] if self.cfg.aug_scale else [s]
+            )
             self.short_sizes = [round(400 * f), round(500 * f), round(600 * f)]
             self.crop_min, self.crop_max = round(384 * f), round(600 * f)
             self.blur_scale = f

@@ -26,11 +26,13 @@ from oneref.data.records import (
     IMAGE_DIRS,
     SPLITS,
     RecordError,
+    dataset_dirs,
     expected_layout,
     load_split_file,
     parse_record,
     record_problem,
     split_file,
+    split_file_candidates,
 )
 
 log = logging.getLogger("oneref.data.verify")
@@ -184,9 +186,12 @@ def verify(
     if problems:
         return [], problems
     if datasets is None:
-        datasets = [d for d in DATASETS if (split_root / d).is_dir()]
+        datasets = [d for d in DATASETS if any(p.is_dir() for p in dataset_dirs(split_root, d))]
         if not datasets:
-            problems.append(f"no dataset folder under {split_root}; expected e.g. {split_root / 'unc'}")
+            problems.append(
+                f"no dataset folder under {split_root}; expected e.g. {split_root / 'single_dataset' / 'unc'}, "
+                f"{split_root / 'mixup_with_refc' / 'mixup'} or {split_root / 'unc'}"
+            )
     reports = []
     image_cache: dict[Path, tuple] = {}
     for ds in datasets:
@@ -196,7 +201,7 @@ def verify(
         if splits is None:
             for group in required_splits(ds):
                 if not any(split_file(split_root, ds, s).is_file() for s in group):
-                    problems.append(f"{ds}: missing split file {split_file(split_root, ds, group[0])}")
+                    problems.append(f"{ds}: missing split file {_tried(split_root, ds, group[0])}")
             todo = [s for s in file_splits(ds) if split_file(split_root, ds, s).is_file()]
         else:
             todo = []
@@ -204,7 +209,7 @@ def verify(
                 if split_file(split_root, ds, s).is_file():
                     todo.append(s)
                 elif s in SPLITS[ds]:
-                    problems.append(f"{ds}: missing split file {split_file(split_root, ds, s)}")
+                    problems.append(f"{ds}: missing split file {_tried(split_root, ds, s)}")
         for s in todo:
             try:
                 reports.append(
@@ -223,6 +228,10 @@ def verify(
             except RecordError as e:
                 problems.append(str(e))
     return reports, problems
+
+
+def _tried(split_root: Path, dataset: str, split: str) -> str:
+    return " or ".join(str(c) for c in split_file_candidates(split_root, dataset, split))
 
 
 def format_report(reports: Sequence[SplitReport], problems: Sequence[str]) -> str:
@@ -252,7 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--data-root", required=True, help="folder with other/, referit/, Flickr30k/ (or synthetic images/)"
     )
-    p.add_argument("--split-root", required=True, help="folder with {dataset}/{dataset}_{split}.pth")
+    p.add_argument(
+        "--split-root",
+        required=True,
+        help="the released annotations (single_dataset/, mixup_with_refc/, mixup_with_refc_referit/) "
+        "or a folder with {dataset}/{dataset}_{split}.pth",
+    )
     p.add_argument(
         "--datasets", nargs="+", default=None, help=f"default: every folder found of {list(DATASETS)}"
     )

@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor, nn
 
 from oneref.models.oneref import BACKBONE_PARTS, OneRef

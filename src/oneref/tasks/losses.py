@@ -20,6 +20,7 @@ One documented non-official option: ``temperature`` of the box-mask constraint (
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import torch
@@ -239,6 +240,114 @@ def reached_parts(flags: Mapping[str, object]) -> set[str]:
     if unknown:
         raise ValueError(f"unknown loss flag(s) {unknown}; known: {sorted(LOSS_REACH)}")
     return set().union(*(LOSS_REACH[k] for k, on in flags.items() if on and k in LOSS_REACH))
+
+
+def _flat_rows(logits: Tensor, labels: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, C) float32 logits, (N,) labels (0 in unused slots), (N,) bool validity."""
+    c = logits.shape[-1]
+    logits = logits.reshape(-1, c).float()
+    labels = labels.reshape(-1)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logit rows but {labels.shape[0]} labels")
+    if valid is None:
+        valid = torch.ones_like(labels, dtype=torch.bool)
+    else:
+        valid = valid.reshape(-1).bool()
+        if valid.shape != labels.shape:
+            raise ValueError(f"valid has {valid.shape[0]} entries, labels {labels.shape[0]}")
+        labels = labels.masked_fill(~valid, 0)  # unused slots may hold -100
+    return logits, labels, valid
+
+
+def _xlogx(x: float) -> float:
+    return x * math.log(x) if x > 0 else 0.0
+
+
+def mlm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    *,
+    step: int = 0,
+    label_smoothing: float = 0.1,
+    drop_worst_ratio: float = 0.2,
+    drop_worst_after: int = 12000,
+    keep_at_least_one: bool = True,
+) -> Tensor:
+    """Referring-aware MLM loss: the official ``BertCaptioningLoss`` (``models/utils.py``).
+
+    Per masked position, the KL divergence from the label-smoothed one-hot target
+    (``1 - eps`` on the label, ``eps / (C - 1)`` elsewhere, C = the logit width, unused table
+    rows included) to ``softmax(logits)``; strictly after ``drop_worst_after`` (``step`` is the
+    official ``global_step``, MIM and MLM steps counted) only the ``int(N * (1 - ratio))`` smallest
+    of the N per-position losses are averaged; then the mean.
+
+    ``logits`` (B, K, C) with ``labels`` and ``valid`` (B, K) (the static slot layout of the MRefM
+    batch: unused slots are excluded, as if the used ones had been gathered), or (N, C) with (N,)
+    labels and no ``valid``.
+
+    Differences from the official code, none of which changes a number beyond float rounding:
+    the KL is computed in closed form (target entropy minus the smoothed cross-entropy) instead of
+    materialising the (N, C) target; the drop keeps the smallest rows by sorting instead of
+    ``topk``. One deliberate change: when the drop keeps no row (N = 1 after the step limit) the
+    official loss is NaN and training stops; ``keep_at_least_one`` (default) keeps the smallest
+    row instead; ``keep_at_least_one=False`` restores the NaN.
+    """
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not 0 <= drop_worst_ratio <= 1:
+        raise ValueError(f"drop_worst_ratio must be in [0, 1], got {drop_worst_ratio}")
+    logits, labels, valid = _flat_rows(logits, labels, valid)
+    c = logits.shape[1]
+    logp = F.log_softmax(logits, dim=-1)
+    logp_label = logp.gather(1, labels[:, None])[:, 0]
+    eps = float(label_smoothing)
+    if eps > 0:
+        off = eps / (c - 1)
+        entropy = _xlogx(1 - eps) + (c - 1) * _xlogx(off)  # sum_c q log q
+        rows = entropy - (1 - eps) * logp_label - off * (logp.sum(-1) - logp_label)
+    else:
+        rows = -logp_label
+    n = valid.sum()
+    if drop_worst_ratio > 0 and step > drop_worst_after:
+        # official int(N * (1 - ratio)) in float64, then the k smallest rows
+        k = (n.double() * (1.0 - drop_worst_ratio)).floor().long()
+        if keep_at_least_one:
+            k = k.clamp(min=1)
+        ranked = rows.masked_fill(~valid, float("inf")).sort().values
+        kept = torch.arange(ranked.shape[0], device=ranked.device) < k
+        return torch.where(kept, ranked, 0.0).sum() / k
+    return torch.where(valid, rows, 0.0).sum() / n
+
+
+def mlm_accuracy(logits: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Official ``mlm_acc``: share of masked positions whose argmax is the label (layouts as
+    :func:`mlm_loss`)."""
+    logits, labels, valid = _flat_rows(logits, labels, valid)
+    hits = (logits.argmax(-1) == labels) & valid
+    return hits.sum().float() / valid.sum()
+
+
+def mlm_sts_loss(sts_scores: Tensor, labels: Tensor, double_softmax: bool = True) -> Tensor:
+    """Semantic target-relation score loss of the MLM step (official ``loss_mlm_sts``).
+
+    ``sts_scores`` (B, T): the STS head's raw output at the text positions 1 .. L-2 (the official
+    ``mlm_sts_head(...)[:, 1:L-1]``; eos and padding included, as officially); ``labels`` (B, T).
+    Official: the model returns ``softmax(scores)`` and the loss is
+    ``KLDiv(batchmean)(log_softmax(that), softmax(labels))``, a softmax applied twice;
+    ``double_softmax=True`` reproduces it (needed to match official numbers),
+    ``False`` uses ``log_softmax(scores)``. The result has the labels' dtype when they are wider
+    (official labels are float64, and so is the official term). No released split carries STS
+    labels, so the official scripts never add this term.
+    """
+    if sts_scores.shape != labels.shape:
+        raise ValueError(
+            f"STS scores {tuple(sts_scores.shape)} and labels {tuple(labels.shape)} differ; the labels "
+            "need one score per text position 1 .. L-2"
+        )
+    scores = sts_scores.float()
+    pred = F.softmax(scores, dim=-1) if double_softmax else scores
+    return F.kl_div(F.log_softmax(pred, dim=-1), F.softmax(labels, dim=-1), reduction="batchmean")
 
 
 # -- criterion -------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ def param_groups(
 
         groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay())
     else:  # official: one group
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+        groups = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}
+        ]
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g.setdefault("lr_scale", 1.0)
@@ -121,5 +123,9 @@ def configure_optimizers(module: Any, model: nn.Module, cfg: Mapping[str, Any]) 
         raise ValueError("an epoch-stepped schedule needs trainer.max_epochs >= 1")
     make_scheduler = _instantiate({"scheduler": sched}, "scheduler")
     params = inspect.signature(make_scheduler.func).parameters if hasattr(make_scheduler, "func") else {}
-    scheduler = make_scheduler(optimizer, total_steps=int(total)) if "total_steps" in params else make_scheduler(optimizer)
+    scheduler = (
+        make_scheduler(optimizer, total_steps=int(total))
+        if "total_steps" in params
+        else make_scheduler(optimizer)
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
