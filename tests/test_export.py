@@ -19,6 +19,7 @@ from oneref.checkpoint.export import (
     ExportError,
     InferenceGraph,
     export_model,
+    export_onnx,
     export_program,
     max_text_length,
 )
@@ -171,8 +172,11 @@ def test_unsupported_format(tmp_path):
 
 
 def test_what_cannot_be_exported(tmp_path):
+    for export in (lambda m: export_model(m, tmp_path / "m.pt2", "torch_export"), export_program):
+        with pytest.raises(ExportError, match="can only export a OneRef model, got Linear"):
+            export(torch.nn.Linear(2, 2))
     with pytest.raises(ExportError, match="can only export a OneRef model, got Linear"):
-        export_model(torch.nn.Linear(2, 2), tmp_path / "m.pt2", "torch_export")
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
     with pytest.raises(ExportError, match=r"got PosixPath; load the checkpoint first"):
         export_model(tmp_path / "ckpt.pth", tmp_path / "m.pt2", "torch_export")
 

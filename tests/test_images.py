@@ -372,3 +372,18 @@ def test_mask_to_original_checks_the_shape():
         photo.mask_to_original(np.zeros((4, 3), bool))
     up = photo.mask_to_original(np.eye(3, 4, dtype=bool))
     assert up.shape == (6, 8) and up[0, 0] and up[1, 1] and not up[0, 2]
+
+
+def test_a_process_that_allows_truncated_files_is_warned(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some other library might
+    with caplog.at_level(logging.WARNING, logger="oneref.data.images"):
+        load_image(noise(2, 2))
+    assert "LOAD_TRUNCATED_IMAGES is True" in caplog.text
+
+
+def test_multi_frame_gif_gives_its_first_frame_and_str_paths_work(tmp_path):
+    frames = [Image.new("RGB", (4, 3), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    out = pixels(str(path))
+    assert out.shape == (3, 4, 3) and (out == [255, 0, 0]).all()
