@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
+from oneref.data import images
 from oneref.data.images import (
     DEFAULT_BACKGROUND,
     ImageError,
@@ -376,9 +377,11 @@ def test_mask_to_original_checks_the_shape():
 
 def test_a_process_that_allows_truncated_files_is_warned(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some other library might
+    monkeypatch.setattr(images, "_warned_truncated", False)
     with caplog.at_level(logging.WARNING, logger="oneref.data.images"):
         load_image(noise(2, 2))
-    assert "LOAD_TRUNCATED_IMAGES is True" in caplog.text
+        load_image(noise(2, 2))
+    assert caplog.text.count("LOAD_TRUNCATED_IMAGES is True") == 1  # once per process
 
 
 def test_multi_frame_gif_gives_its_first_frame_and_str_paths_work(tmp_path):

@@ -162,11 +162,7 @@ def load_photo(
     for value, key in ((max_pixels, "max_pixels"), (hard_max_pixels, "hard_max_pixels")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
-    if _truncated_allowed():
-        log.warning(
-            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process (set by other code): truncated "
-            "image files will load with missing pixels instead of raising an error"
-        )
+    _warn_if_truncated_allowed()
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         label = name or str(path)
@@ -411,5 +407,15 @@ def _is_lazy(img: Image.Image) -> bool:
     return bool(getattr(img, "tile", None))
 
 
-def _truncated_allowed() -> bool:
-    return bool(ImageFile.LOAD_TRUNCATED_IMAGES)
+_warned_truncated = False
+
+
+def _warn_if_truncated_allowed() -> None:
+    """Once per process: we cannot catch truncated files if other code told Pillow to fill them in."""
+    global _warned_truncated
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
+        _warned_truncated = True
+        log.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process (set by other code): truncated "
+            "image files will load with missing pixels instead of raising an error"
+        )
