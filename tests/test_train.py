@@ -164,6 +164,20 @@ def test_hydra_multirun_writes_one_subfolder_per_job(tmp_path, cache_dir):
     assert arch["hyper_parameters"]["architecture"]["embed_dim"] == 128
 
 
+def test_console_has_no_third_party_noise_but_keeps_our_warnings(tmp_path, cache_dir):
+    env = {**os.environ, "ONEREF_ROOT": str(tmp_path), "ONEREF_CACHE": str(cache_dir), "WANDB_MODE": "disabled"}
+    cmd = [
+        sys.executable, "-m", "oneref.train", "debug=fdr",
+        "data.synthetic.num_train=96", "data.synthetic.num_val=32", "data.synthetic.num_test=32",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    assert "Tip:" not in console and "litlogger" not in console and "LeafSpec" not in console
+    # our own warning still shows (fast_dev_run saves no best checkpoint)
+    assert "no best checkpoint was saved" in console
+
+
 def test_res_fast_run(make_cfg, tmp_path):
     cfg = make_cfg("task=res", *SHORT)
     assert cfg.task.monitor == "val/miou" and cfg.data.seg_masks

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from oneref import factory
 from oneref.config import config_dir, to_container
+from oneref.reporting import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     evaluate(cfg)
 
 

@@ -30,6 +30,7 @@ from rich.table import Table
 from oneref import factory
 from oneref.config import config_dir
 from oneref.drawing import draw_sample
+from oneref.reporting import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def print_predictions(rows: list[dict[str, Any]]) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     print_predictions(predict(cfg))
 
 

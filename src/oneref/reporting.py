@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,27 @@ from rich.table import Table
 from oneref.config import to_container
 
 log = logging.getLogger(__name__)
+
+# Third-party console noise, silenced by message so that every other warning still shows:
+# Lightning's advertising tips (rank_zero_info on this logger) and a deprecation inside
+# lightning/pytorch/utilities/_pytree.py that Lightning itself triggers on every run.
+_LIGHTNING_TIPS_LOGGER = "lightning.pytorch.utilities.rank_zero"
+_TIP_PREFIX = "💡 Tip:"
+_LIGHTNING_DEPRECATIONS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TIP_PREFIX)
+
+
+def quiet_third_party() -> None:
+    """Silence exactly the messages above (idempotent); called by every entry point."""
+    logger = logging.getLogger(_LIGHTNING_TIPS_LOGGER)
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    for message in _LIGHTNING_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def log_run_facts(trainer: L.Trainer, cfg: DictConfig) -> dict[str, Any]:

@@ -18,7 +18,13 @@ from omegaconf import DictConfig
 
 from oneref import factory
 from oneref.config import config_dir
-from oneref.reporting import finish_loggers, log_run_facts, mean_box_baseline, print_results
+from oneref.reporting import (
+    finish_loggers,
+    log_run_facts,
+    mean_box_baseline,
+    print_results,
+    quiet_third_party,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_third_party()
     metrics = train(cfg)
     # the value a Hydra sweeper optimises
     return metrics.get(str(cfg.task.monitor))
