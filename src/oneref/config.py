@@ -1,10 +1,19 @@
-"""Where the Hydra configs live, and how code outside ``@hydra.main`` composes them."""
+"""Where the Hydra configs live, how code outside ``@hydra.main`` composes them, and the two
+resolvers the configs use:
+
+- ``${oneref.launcher:KEY,DEFAULT}``: ``hydra.launcher.KEY`` of this run, else DEFAULT. The
+  Trainer takes its nodes and devices from a SLURM launcher preset, so the two always match.
+- ``${oneref.multirun:IN_MULTIRUN,OTHERWISE}``: one of two values by Hydra's run mode (the W&B
+  run name and group of a sweep job).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -28,3 +37,27 @@ def to_container(cfg: DictConfig | dict | None) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+def _hydra_config() -> DictConfig | None:
+    try:
+        return HydraConfig.get()
+    except ValueError:  # composed outside a Hydra run
+        return None
+
+
+def launcher_value(key: str, default: Any) -> Any:
+    """``hydra.launcher.<key>``, or ``default`` without Hydra or for a launcher without that key."""
+    hydra_cfg = _hydra_config()
+    value = None if hydra_cfg is None else OmegaConf.select(hydra_cfg, f"launcher.{key}", default=None)
+    return default if value is None else value
+
+
+def by_run_mode(in_multirun: Any, otherwise: Any) -> Any:
+    hydra_cfg = _hydra_config()
+    return in_multirun if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN else otherwise
+
+
+# not cached: one process runs every job of a local sweep, each with its own Hydra config
+OmegaConf.register_new_resolver("oneref.launcher", launcher_value, replace=True)
+OmegaConf.register_new_resolver("oneref.multirun", by_run_mode, replace=True)
