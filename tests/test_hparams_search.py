@@ -101,7 +101,8 @@ def test_rec_optuna_searches_keys_that_exist_and_maximises():
 @pytest.mark.slow
 def test_optuna_two_trials_write_the_best_value(tmp_path, cache_dir):
     needs_optuna()
-    out = run_cli(["hparams_search=rec_optuna", "hydra.sweeper.n_trials=2", *SHORT], tmp_path, cache_dir)
+    args = ["hparams_search=rec_optuna", "hydra.sweeper.n_trials=2", *SHORT, "logger=csv"]
+    out = run_cli(args, tmp_path, cache_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     (sweep,) = (tmp_path / "logs" / "rec_tiny_synthetic" / "multiruns").iterdir()
     result = OmegaConf.load(sweep / "optimization_results.yaml")

@@ -81,6 +81,7 @@ def test_a_task_of_the_4x8_job_gets_its_slurm_ranks(monkeypatch):
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (32, 13, 5, 1)
 
 
+@pytest.mark.slow
 def test_multirun_submits_the_4x8_allocation(tmp_path):
     """-m with the preset reaches sbatch: a stand-in keeps the script submitit wrote and refuses."""
     bin_dir = tmp_path / "bin"
