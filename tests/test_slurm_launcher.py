@@ -51,6 +51,10 @@ def test_without_a_slurm_preset_the_trainer_keeps_its_own_layout():
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (1, -1)
     cfg = compose_train("hydra/launcher=slurm_4x8", "trainer=ddp", "trainer.devices=4")
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (4, 4)  # the command line wins
+    # submitit's local launcher has tasks_per_node too, but Lightning starts the processes there
+    cfg = compose_train("hydra/launcher=submitit_local", "trainer=ddp")
+    assert cfg.hydra.launcher.tasks_per_node == 1
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (1, -1)
 
 
 def test_a_task_of_the_4x8_job_gets_its_slurm_ranks(monkeypatch):

@@ -1,8 +1,9 @@
 """Where the Hydra configs live, how code outside ``@hydra.main`` composes them, and the two
 resolvers the configs use:
 
-- ``${oneref.launcher:KEY,DEFAULT}``: ``hydra.launcher.KEY`` of this run, else DEFAULT. The
-  Trainer takes its nodes and devices from a SLURM launcher preset, so the two always match.
+- ``${oneref.slurm:KEY,DEFAULT}``: ``hydra.launcher.KEY`` when this run's launcher submits SLURM
+  jobs (submitit), else DEFAULT. The Trainer takes its nodes and devices from the allocation, so
+  the two always match.
 - ``${oneref.multirun:IN_MULTIRUN,OTHERWISE}``: one of two values by Hydra's run mode (the W&B
   run name and group of a sweep job).
 """
@@ -46,10 +47,13 @@ def _hydra_config() -> DictConfig | None:
         return None
 
 
-def launcher_value(key: str, default: Any) -> Any:
-    """``hydra.launcher.<key>``, or ``default`` without Hydra or for a launcher without that key."""
+def slurm_value(key: str, default: Any) -> Any:
+    """``hydra.launcher.<key>`` of a SLURM launcher, else ``default``."""
     hydra_cfg = _hydra_config()
-    value = None if hydra_cfg is None else OmegaConf.select(hydra_cfg, f"launcher.{key}", default=None)
+    launcher = None if hydra_cfg is None else hydra_cfg.get("launcher")
+    if launcher is None or not str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+        return default
+    value = launcher.get(key)
     return default if value is None else value
 
 
@@ -59,5 +63,5 @@ def by_run_mode(in_multirun: Any, otherwise: Any) -> Any:
 
 
 # not cached: one process runs every job of a local sweep, each with its own Hydra config
-OmegaConf.register_new_resolver("oneref.launcher", launcher_value, replace=True)
+OmegaConf.register_new_resolver("oneref.slurm", slurm_value, replace=True)
 OmegaConf.register_new_resolver("oneref.multirun", by_run_mode, replace=True)
