@@ -1,10 +1,20 @@
-"""Where the Hydra configs live, and how code outside ``@hydra.main`` composes them."""
+"""Where the Hydra configs live, how code outside ``@hydra.main`` composes them, and the two
+resolvers the configs use:
+
+- ``${oneref.slurm:KEY,DEFAULT}``: ``hydra.launcher.KEY`` when this run's launcher submits SLURM
+  jobs (submitit), else DEFAULT. The Trainer takes its nodes and devices from the allocation, so
+  the two always match.
+- ``${oneref.multirun:IN_MULTIRUN,OTHERWISE}``: one of two values by Hydra's run mode (the W&B
+  run name and group of a sweep job).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -28,3 +38,30 @@ def to_container(cfg: DictConfig | dict | None) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+def _hydra_config() -> DictConfig | None:
+    try:
+        return HydraConfig.get()
+    except ValueError:  # composed outside a Hydra run
+        return None
+
+
+def slurm_value(key: str, default: Any) -> Any:
+    """``hydra.launcher.<key>`` of a SLURM launcher, else ``default``."""
+    hydra_cfg = _hydra_config()
+    launcher = None if hydra_cfg is None else hydra_cfg.get("launcher")
+    if launcher is None or not str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+        return default
+    value = launcher.get(key)
+    return default if value is None else value
+
+
+def by_run_mode(in_multirun: Any, otherwise: Any) -> Any:
+    hydra_cfg = _hydra_config()
+    return in_multirun if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN else otherwise
+
+
+# not cached: one process runs every job of a local sweep, each with its own Hydra config
+OmegaConf.register_new_resolver("oneref.slurm", slurm_value, replace=True)
+OmegaConf.register_new_resolver("oneref.multirun", by_run_mode, replace=True)
