@@ -165,7 +165,12 @@ def test_hydra_multirun_writes_one_subfolder_per_job(tmp_path, cache_dir):
 
 
 def test_console_has_no_third_party_noise_but_keeps_our_warnings(tmp_path, cache_dir):
-    env = {**os.environ, "ONEREF_ROOT": str(tmp_path), "ONEREF_CACHE": str(cache_dir), "WANDB_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "ONEREF_ROOT": str(tmp_path),
+        "ONEREF_CACHE": str(cache_dir),
+        "WANDB_MODE": "disabled",
+    }
     cmd = [
         sys.executable, "-m", "oneref.train", "debug=fdr",
         "data.synthetic.num_train=96", "data.synthetic.num_val=32", "data.synthetic.num_test=32",

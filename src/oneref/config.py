@@ -1,4 +1,4 @@
-"""Where the Hydra configs live, how code outside ``@hydra.main`` composes them, and the two
+"""Where the Hydra configs live, how code outside ``@hydra.main`` composes them, and the
 resolvers the configs use:
 
 - ``${oneref.slurm:KEY,DEFAULT}``: ``hydra.launcher.KEY`` when this run's launcher submits SLURM
@@ -6,10 +6,14 @@ resolvers the configs use:
   the two always match.
 - ``${oneref.multirun:IN_MULTIRUN,OTHERWISE}``: one of two values by Hydra's run mode (the W&B
   run name and group of a sweep job).
+- ``${oneref.run_stamp:DEFAULT}``: the run folder's name (stable across SLURM requeues).
+- ``${oneref.run_id:DIR}``: a stable id of a run folder (W&B run id).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,24 @@ def by_run_mode(in_multirun: Any, otherwise: Any) -> Any:
     return in_multirun if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN else otherwise
 
 
+def run_stamp(default: str) -> str:
+    """The run folder's name: ``slurm-<job id>[_<array index>]`` inside a SLURM batch job (stable
+    across requeues, so a requeued job resumes in its own folder), else ``default`` (a timestamp).
+    Interactive allocations (``srun --pty bash``) get the timestamp: several runs share them."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return default
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"slurm-{job}" + (f"_{task}" if task else "")
+
+
+def run_id(output_dir: str) -> str:
+    """A stable id for a run folder (W&B's run id: a requeued job continues its W&B run)."""
+    return hashlib.sha1(str(Path(output_dir).absolute()).encode()).hexdigest()[:16]
+
+
 # not cached: one process runs every job of a local sweep, each with its own Hydra config
 OmegaConf.register_new_resolver("oneref.slurm", slurm_value, replace=True)
 OmegaConf.register_new_resolver("oneref.multirun", by_run_mode, replace=True)
+OmegaConf.register_new_resolver("oneref.run_stamp", run_stamp, replace=True)
+OmegaConf.register_new_resolver("oneref.run_id", run_id, replace=True)

@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from omegaconf import DictConfig, ListConfig, open_dict
 
 _ALL = ("auto", -1, "-1")  # Lightning: every device of the accelerator
@@ -161,3 +163,93 @@ def check_multi_node(cfg: DictConfig) -> str | None:
         "--nproc_per_node <GPUs> --master_addr <first machine> -m oneref.train ...`, or submit through SLURM "
         "(hydra/launcher=slurm_4x8 with -m, or srun), or set trainer.num_nodes=1 for one machine."
     )
+
+
+# -- DDP child processes under Hydra ----------------------------------------------------------------
+def hydra_ddp_child_command(local_rank: int) -> tuple[list[str], str]:
+    """The command that starts DDP rank ``local_rank`` of this Hydra job, and its working dir.
+
+    Lightning's DDP launcher re-executes ``sys.argv`` for every other local rank, adding
+    ``hydra.run.dir`` (lightning/fabric/strategies/launchers/subprocess_script.py). Under a
+    multirun that re-launches the whole sweep from every rank (``-m`` and the sweep lists are in
+    ``sys.argv``): the known Hydra + Lightning trap. Here a rank re-runs exactly this job instead:
+    its own resolved overrides, in single-run mode, in this job's output folder (so the run has
+    one folder), without writing a second ``.hydra`` config there.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
+
+    hc = HydraConfig.get()
+    if __main__.__spec__ is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += list(hc.overrides.task)
+    command += [
+        f"hydra.run.dir={hc.runtime.output_dir}",
+        f"hydra.job.name={hc.job.name}_rank{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, get_original_cwd()
+
+
+def install_hydra_ddp_launch() -> None:
+    """Make Lightning's DDP launchers (Fabric's and the Trainer's, which imports its own reference)
+    start ranks with :func:`hydra_ddp_child_command`."""
+    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
+
+    for launcher in (fabric_launcher, trainer_launcher):
+        launcher._hydra_subprocess_cmd = hydra_ddp_child_command
+
+
+# -- synchronised BatchNorm on any backend -------------------------------------------------------------
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of every rank, on any process
+    group backend. torch's SyncBatchNorm runs on CUDA only; this is its CPU (gloo) counterpart, so
+    that ``trainer.sync_batchnorm=true`` works in ``trainer=ddp_sim``. The per-channel sums travel
+    through ``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the
+    gradients, as SyncBatchNorm's does. Same keys as BatchNorm2d; evaluation is plain BatchNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (
+            self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c : 2 * c] / n - mean * mean  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)  # unbiased
+                self.num_batches_tracked.add_(1)
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
+
+
+class SyncBatchNormAnyBackend(TorchSyncBatchNorm):
+    """``trainer.sync_batchnorm=true`` on the CPU: every BatchNorm2d becomes a GlobalBatchNorm2d
+    (on CUDA Lightning's own plugin converts them to torch's SyncBatchNorm)."""
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        for name, child in model.named_children():
+            if type(child) is torch.nn.BatchNorm2d:
+                sync = GlobalBatchNorm2d(
+                    child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+                )
+                sync.load_state_dict(child.state_dict())
+                setattr(model, name, sync.to(next(child.buffers()).device))
+            else:
+                self.apply(child)
+        return model

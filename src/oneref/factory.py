@@ -15,10 +15,13 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, open_dict
 
+from oneref.checkpoint.resume import AtomicCheckpointIO
 from oneref.config import to_container
 from oneref.data.tokenizer import Tokenizer
+from oneref.distributed import SyncBatchNormAnyBackend
 from oneref.predictor import Predictor
 from oneref.tasks.grounding import GroundingModule
 
@@ -61,7 +64,20 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
     if not loggers:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
-    return L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False, strategy=strategy)
+    if isinstance(strategy, FSDPStrategy) and not (
+        torch.cuda.is_available() and trainer_cfg.get("accelerator") in ("auto", "gpu", "cuda")
+    ):
+        raise ValueError(
+            "strategy=fsdp needs CUDA GPUs (Lightning's FSDP does not run on the CPU): use strategy=ddp, "
+            "or trainer=ddp_sim strategy=auto to try distributed code on the CPU"
+        )
+    # checkpoints are written to a temporary file and renamed: a killed job never leaves half a file
+    plugins = [*(trainer_cfg.pop("plugins", None) or []), AtomicCheckpointIO()]
+    if trainer_cfg.get("sync_batchnorm") and not torch.cuda.is_available():
+        plugins.append(SyncBatchNormAnyBackend())  # torch's SyncBatchNorm is CUDA-only
+    return L.Trainer(
+        **trainer_cfg, callbacks=callbacks, logger=loggers or False, strategy=strategy, plugins=plugins
+    )
 
 
 def init_weights(module: GroundingModule, source: str, source_format: str | None) -> None:

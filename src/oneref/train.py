@@ -14,10 +14,14 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from oneref import factory
+from oneref.checkpoint.resume import resolve_ckpt_path
 from oneref.config import config_dir
+from oneref.distributed import apply_global_batch, check_multi_node, install_hydra_ddp_launch
 from oneref.reporting import (
     finish_loggers,
     log_run_facts,
@@ -54,23 +58,37 @@ def export_best(ckpt: str, dest: Path) -> None:
     log.info("best checkpoint exported to %s", dest)
 
 
+def best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best checkpoint the monitored ModelCheckpoint kept, if it wrote one."""
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
+            if Path(cb.best_model_path).is_file():
+                return cb.best_model_path
+    return None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint. Returns every logged metric as a float."""
+    check_multi_node(cfg)  # before anything is built: a misconfigured cluster run fails at once
+    apply_global_batch(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
+    ckpt_path = resolve_ckpt_path(
+        cfg.get("ckpt_path"), Path(cfg.paths.output_dir) / "checkpoints", cfg.paths.output_dir
+    )
     datamodule = factory.build_datamodule(cfg)
     module = factory.build_module(cfg)
-    if cfg.get("init_from"):
+    if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
         factory.init_weights(module, str(cfg.init_from), cfg.get("init_format"))
+    install_hydra_ddp_launch()
     trainer = factory.build_trainer(cfg)
     try:
         log_run_facts(trainer, cfg)
         metrics: dict[str, float] = {}
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        ckpt = best if best and Path(best).is_file() else None
+        ckpt = best_checkpoint(trainer)
         if ckpt and cfg.get("export_best") and trainer.is_global_zero:
             export_best(ckpt, export_path(cfg.export_best))
         if cfg.get("test", True):
@@ -78,13 +96,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log.warning("no best checkpoint was saved; testing the weights in memory")
             trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-            if cfg.get("report_baseline") and trainer.is_global_zero and not module.is_res:
-                metrics.update(mean_box_baseline(datamodule, module.dataset_name))
+            if cfg.get("report_baseline") and not module.is_res:
+                # every rank: each reads its shard and the metric sums over all of them
+                metrics.update(mean_box_baseline(datamodule, module.dataset_name, module.device))
             if trainer.is_global_zero:
                 print_results(metrics, title=f"{cfg.run_name}: test results", checkpoint=ckpt)
         return metrics
     finally:
         finish_loggers(trainer)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the next job of a multirun in this process starts its own process group
+            torch.distributed.destroy_process_group()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +25,7 @@ from oneref.data.anchors import (
     merge_anchor_maps,
     read_anchor_cache,
 )
-from oneref.data.datasets import RefCollate, RefDataset, configure_worker_process
+from oneref.data.datasets import RefCollate, RefDataset, configure_worker_process, pad_index
 from oneref.data.mrefm import MRefMConfig
 from oneref.data.records import (
     DATASETS,
@@ -78,6 +80,7 @@ class EpochSampler(DistributedSampler):
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
         )
+        self._skip: tuple[int, int] | None = None  # (epoch, samples) already trained on
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -85,16 +88,50 @@ class EpochSampler(DistributedSampler):
             # skipped samples are reported by the BadSampleReport callback and at teardown
             self.dataset.set_epoch(epoch)
 
+    def skip(self, epoch: int, samples: int) -> None:
+        """In ``epoch``, start after the first ``samples`` of this rank's order (a mid-epoch resume)."""
+        self._skip = (int(epoch), int(samples))
+
+    def __iter__(self) -> Iterator[int]:
+        order = super().__iter__()
+        if self._skip is None or self._skip[0] != self.epoch:
+            return order
+        return itertools.islice(order, self._skip[1], None)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch. After a resume from a step checkpoint the epoch
+    continues with the batches it had not trained on yet, in the same order, so a preempted run ends
+    where an uninterrupted one does. The position travels in the DataModule's own checkpoint state
+    (RefDataModule.state_dict: the trainer's batch progress, since this loader is one batch ahead,
+    Lightning prefetches); this class only tells Lightning that the loader resumes (its
+    ``state_dict``/``load_state_dict`` protocol), so it does not warn that it cannot."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"resumed_by": "RefDataModule.state_dict"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
 
 class ShardSampler(DistributedSampler):
-    """Evaluation sharding without the padding duplicates of `DistributedSampler` (official bug 22)."""
+    """Evaluation sharding: rank r reads samples r, r + W, r + 2W, ... of the split, each sample once
+    (the official DistributedSampler repeats samples to even the shards, which biases the metrics).
+
+    Every rank still runs the same number of batches, because steps with a collective (FSDP's
+    weight gathers, the contrastive loss's feature gather) deadlock otherwise: a short shard is
+    padded with a repeat of its last sample marked ``valid=False`` in the batch, which every metric
+    counts as zero (``datasets.pad_index``).
+    """
 
     def __init__(self, dataset: RefDataset, num_replicas: int, rank: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.num_samples = math.ceil(len(dataset) / num_replicas)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        own = list(range(self.rank, len(self.dataset), self.num_replicas))
+        pads = [pad_index(own[-1] if own else 0)] * (self.num_samples - len(own))
+        return iter(own + pads)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -207,6 +244,7 @@ class RefDataModule(L.LightningDataModule):
         self.val_sets: list[RefDataset] = []
         self.test_sets: list[RefDataset] = []
         self._loaders: dict[str, Any] = {}
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
         # Plain containers only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -372,10 +410,16 @@ class RefDataModule(L.LightningDataModule):
         return _world()
 
     def _loader(
-        self, ds: RefDataset, sampler: DistributedSampler, batch_size: int, drop_last: bool
+        self,
+        ds: RefDataset,
+        sampler: DistributedSampler,
+        batch_size: int,
+        drop_last: bool,
+        loader: type[DataLoader] = DataLoader,
+        **extra: Any,
     ) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(
+        return loader(
             ds,
             batch_size=batch_size,
             sampler=sampler,
@@ -386,6 +430,7 @@ class RefDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             worker_init_fn=_init_worker if workers > 0 else None,
             generator=torch.Generator().manual_seed(self.seed),
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -393,7 +438,26 @@ class RefDataModule(L.LightningDataModule):
             self.setup("fit")
         world, rank = self._rank()
         sampler = EpochSampler(self.train_set, world, rank, shuffle=True, seed=self.seed)
-        return self._loader(self.train_set, sampler, self.batch_size, self.drop_last)
+        loader = self._loader(self.train_set, sampler, self.batch_size, self.drop_last, ResumableLoader)
+        if self._resume is not None:  # mid-epoch resume: skip what the checkpoint had trained on
+            epoch, done = self._resume
+            if 0 < done < len(loader):
+                sampler.skip(epoch, done * self.batch_size)
+                log.info("resuming epoch %d after its first %d batches", epoch, done)
+            self._resume = None
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training epoch stands (saved in every checkpoint, read back on resume)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.training:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(trainer.current_epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "batches_done" in state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def _eval_loaders(self, sets: list[RefDataset]) -> list[DataLoader]:
         world, rank = self._rank()

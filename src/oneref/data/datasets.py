@@ -214,6 +214,8 @@ class RefDataset(Dataset):
     # loading -----------------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
+        if index < 0:  # a padding repeat of an evaluation shard: counts zero (ShardSampler)
+            return {**self[unpad_index(index)], "valid": False}
         if not (self.bad_samples == "skip" and self._bad[index]):  # known bad: straight to a stand-in
             try:
                 return self.load(index)
@@ -319,6 +321,16 @@ class RefDataset(Dataset):
         return ObjMask.from_box_xywh(*rec.box_xywh, h, w)
 
 
+def pad_index(index: int) -> int:
+    """The dataset index of a repeat of sample ``index`` that carries ``valid=False`` (it pads an
+    evaluation shard so that every rank runs the same number of batches; metrics count it zero)."""
+    return -1 - int(index)
+
+
+def unpad_index(index: int) -> int:
+    return -1 - int(index)
+
+
 class RefCollate:
     """Stack samples into the shared batch dict; pad text to the batch's longest or to max_query_len.
 
@@ -376,6 +388,8 @@ class RefCollate:
             "box": torch.from_numpy(np.stack([r.box for r in results]).astype(np.float32, copy=False)),
             "obj_mask": obj_mask,
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+            # False for the padding repeats of an evaluation shard: they count zero in every metric
+            "valid": torch.tensor([s.get("valid", True) for s in samples], dtype=torch.bool),
             "orig_size": torch.tensor([r.frame_size for r in results], dtype=torch.int64),
             "letterbox": torch.tensor([r.letterbox for r in results], dtype=torch.float32),
             "orig_box": torch.from_numpy(

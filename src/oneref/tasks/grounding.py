@@ -87,6 +87,13 @@ class GroundingModule(L.LightningModule):
             ", ".join(sorted(self.model.parts() - trainable)) or "none",
         )
 
+    def on_fit_start(self) -> None:
+        from oneref.distributed import GlobalBatchNorm2d
+
+        sync = sum(isinstance(m, (nn.SyncBatchNorm, GlobalBatchNorm2d)) for m in self.modules())
+        if sync:  # trainer.sync_batchnorm=true: the seg head's BatchNorms see the global batch
+            log.info("%d synchronised BatchNorm layers", sync)
+
     def configure_model(self) -> None:
         if self.hparams.model.get("compile") and not getattr(self, "_compiled", False):
             # Compiles in place: state-dict keys stay the official ones.
@@ -130,12 +137,13 @@ class GroundingModule(L.LightningModule):
         return nn.ModuleDict(group)
 
     def _update_metrics(self, rec: RECMetrics, res: RESMetrics | None, out: dict, batch: dict) -> None:
+        valid = batch.get("valid")  # False on the padding repeats of an evaluation shard
         if not self.original_resolution:
-            rec.update(out["pred_box"], batch["box"])
+            rec.update(out["pred_box"], batch["box"], valid=valid)
             if res is not None:
-                res.update(out["seg_mask"], batch["obj_mask"])
+                res.update(out["seg_mask"], batch["obj_mask"], valid=valid)
             return
-        frame = {"letterbox": batch["letterbox"], "orig_size": batch["orig_size"]}
+        frame = {"letterbox": batch["letterbox"], "orig_size": batch["orig_size"], "valid": valid}
         rec.update(out["pred_box"], orig_box=batch["orig_box"], **frame)
         if res is not None:
             if "orig_mask" not in batch:

@@ -176,6 +176,16 @@ def pad_masks(masks: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def _valid(valid: Tensor | None, per_sample: Tensor) -> Tensor:
+    """The (B,) mask of samples that count: all of them, or ``valid`` (False for the padding
+    repeats of an evaluation shard, oneref.data.datamodule.ShardSampler)."""
+    if valid is None:
+        return torch.ones_like(per_sample, dtype=torch.bool)
+    if valid.shape != per_sample.shape[:1]:
+        raise ValueError(f"valid must be (B,) = {tuple(per_sample.shape[:1])}, got {tuple(valid.shape)}")
+    return valid.to(per_sample.device, torch.bool)
+
+
 class _SumMetric(Metric):
     is_differentiable = False
     higher_is_better = True
@@ -220,6 +230,7 @@ class RECMetrics(_SumMetric):
         letterbox: Tensor | None = None,
         orig_size: Tensor | None = None,
         orig_box: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> None:
         if self.original_resolution:
             if letterbox is None or orig_size is None or orig_box is None:
@@ -232,9 +243,10 @@ class RECMetrics(_SumMetric):
                 raise ValueError("RECMetrics.update needs gt_box (B,4) normalised cx,cy,w,h")
             iou = rec_box_iou(pred_box, gt_box)
         thr = torch.tensor(self.thresholds, device=iou.device, dtype=iou.dtype)
-        self.count += iou.shape[0]
-        self.correct += (iou[:, None] >= thr).sum(0)
-        self.iou_sum += iou.double().sum()
+        valid = _valid(valid, iou)
+        self.count += valid.sum()
+        self.correct += ((iou[:, None] >= thr) & valid[:, None]).sum(0)
+        self.iou_sum += torch.where(valid, iou.double(), 0.0).sum()
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count.double()
@@ -320,6 +332,7 @@ class RESMetrics(_SumMetric):
         letterbox: Tensor | None = None,
         orig_size: Tensor | None = None,
         orig_mask: Tensor | Sequence[Tensor] | None = None,
+        valid: Tensor | None = None,
     ) -> None:
         inter, union = self.intersection_union(
             seg_logits, gt_mask, letterbox=letterbox, orig_size=orig_size, orig_mask=orig_mask
@@ -328,11 +341,12 @@ class RESMetrics(_SumMetric):
         if self.nan_policy == "one":
             iou = torch.where(union == 0, torch.ones_like(iou), iou)
         thr = torch.tensor(self.thresholds, device=iou.device, dtype=iou.dtype)
-        self.count += iou.shape[0]
-        self.iou_sum += iou.sum()
-        self.inter_sum += inter.sum()
-        self.union_sum += union.sum()
-        self.correct += (iou[:, None] >= thr).sum(0)
+        valid = _valid(valid, iou)
+        self.count += valid.sum()
+        self.iou_sum += torch.where(valid, iou, 0.0).sum()  # NaN (official empty-mask rule) stays NaN
+        self.inter_sum += torch.where(valid, inter, 0).sum()
+        self.union_sum += torch.where(valid, union, 0).sum()
+        self.correct += ((iou[:, None] >= thr) & valid[:, None]).sum(0)
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count.double()
