@@ -9,6 +9,7 @@ see README.md.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from oneref.reporting import (
 )
 
 log = logging.getLogger(__name__)
+
+# What Lightning's DDP launcher sets in the launching process's environment.
+DDP_LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
 def export_path(dest: str | Path) -> Path:
@@ -81,6 +85,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
         factory.init_weights(module, str(cfg.init_from), cfg.get("init_format"))
     install_hydra_ddp_launch()
+    launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}
     trainer = factory.build_trainer(cfg)
     try:
         log_run_facts(trainer, cfg)
@@ -104,9 +109,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         finish_loggers(trainer)
+        # The next job of a multirun in this process starts its own process group and ranks: with
+        # LOCAL_RANK left set, Lightning would take the processes as launched externally and wait.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # the next job of a multirun in this process starts its own process group
             torch.distributed.destroy_process_group()
+        for key, value in launch_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
