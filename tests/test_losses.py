@@ -58,6 +58,7 @@ def run_model(model: OneRef, inputs: dict, mim: bool) -> dict:
             inputs["text_ids"],
             inputs["text_padding_mask"],
             inputs["mim_masked_pos"] if mim else None,
+            mim_vts=mim,
         )
 
 

@@ -102,9 +102,12 @@ def test_off_by_default_and_otherwise_unchanged(root: Path) -> None:
         _assert_same(p, o, p)
         _assert_same(p, m, p)  # MRefM only adds fields
         assert set(m) - set(p) == {
-            "vqkd_image", "mim_mask", "mim_vts", "mlm_text_ids", "mlm_positions", "mlm_labels",
-            "mlm_valid", "mlm_anchor_index",
+            "vqkd_image", "mim_mask", "mim_vts", "mim_positions", "mim_valid", "mlm_text_ids",
+            "mlm_positions", "mlm_labels", "mlm_valid", "mlm_anchor_index",
         }  # fmt: skip
+        # the masked patches as slots, in the official mask order
+        assert torch.equal(m["mim_positions"][m["mim_valid"]], m["mim_mask"].nonzero()[:, 1])
+        assert m["mim_positions"].shape[1] % 16 == 0 or m["mim_positions"].shape[1] == m["mim_mask"].shape[1]
 
 
 def test_fields_follow_the_official_rules(root: Path, tok: Tokenizer) -> None:

@@ -141,6 +141,22 @@ class MRefMBuilder:
         }
 
 
+MIM_SLOTS = 16  # masked-patch slots of a batch: its largest count rounded up to a multiple of this
+
+
+def mask_positions(mask: torch.Tensor, slots: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (B, N) bool mask as static-size slots: the True indices of each row, ascending, padded
+    with 0 to K = the largest count rounded up to a multiple of ``slots`` (capped at N), and the
+    (B, K) validity. Row-major over the valid slots is the official ``x[mask]`` order."""
+    b, n = mask.shape
+    counts = mask.sum(1)
+    k = min(n, -(-max(int(counts.max()), 1) // slots) * slots)
+    # a stable sort puts the True indices first, in ascending order
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    valid = torch.arange(k)[None, :] < counts[:, None]
+    return torch.where(valid, order, 0), valid
+
+
 def collate_mrefm(
     samples: Sequence[Mapping[str, Any]], width: int, cfg: MRefMConfig, max_query_len: int
 ) -> dict[str, torch.Tensor]:
@@ -150,6 +166,8 @@ def collate_mrefm(
 
     - ``mim_mask`` bool (B, G*G): True = patch replaced by the mask token on MIM steps;
     - ``mim_vts`` float32 (B, G*G, 4): visual target-relation score targets;
+    - ``mim_positions`` int64 (B, K_mim), ``mim_valid`` bool (B, K_mim): the masked patches as
+      static-size slots (``mask_positions``), where the MIM logits are computed;
     - ``mlm_text_ids`` int64 (B, L): the masked ids for MLM steps, padded like ``text_ids``;
     - ``mlm_positions`` int64 (B, K): masked positions, ascending, then 0 in unused slots;
     - ``mlm_labels`` int64 (B, K): the original ids there, -100 in unused slots;
@@ -173,8 +191,12 @@ def collate_mrefm(
         positions[r, :n] = m.positions
         labels[r, :n] = m.labels
         valid[r, :n] = True
+    mim_mask = torch.from_numpy(np.stack([p["mim_mask"] for p in parts]))
+    mim_positions, mim_valid = mask_positions(mim_mask, MIM_SLOTS)
     return {
-        "mim_mask": torch.from_numpy(np.stack([p["mim_mask"] for p in parts])),
+        "mim_mask": mim_mask,
+        "mim_positions": mim_positions,
+        "mim_valid": mim_valid,
         "mim_vts": torch.from_numpy(np.stack([p["mim_vts"] for p in parts])),
         "mlm_text_ids": torch.from_numpy(ids),
         "mlm_positions": torch.from_numpy(positions),

@@ -159,7 +159,9 @@ class OneRef(nn.Module):
         init_backbone(self.beit3)
         if self.cfg.position_init == "sincos":
             init_vision_positions_sincos(self.beit3)
-        for head in ("language_head", "vision_head", "mim_head", "mlm_head"):
+        # official BEiT3ForGrounding.__init__: these three get the wrapper's _init_weights; every other
+        # head (mim_head included) keeps PyTorch's default init
+        for head in ("language_head", "vision_head", "mlm_head"):
             if hasattr(self, head):
                 init_official(getattr(self, head))
 
@@ -231,16 +233,30 @@ class OneRef(nn.Module):
         text_padding_mask: Tensor | None = None,
         mim_masked_pos: Tensor | None = None,
         return_all_hiddens: bool = False,
+        *,
+        mim_positions: Tensor | None = None,
+        mim_vts: bool = False,
+        mlm_positions: Tensor | None = None,
+        mlm_sts: bool = False,
     ) -> dict[str, Tensor]:
-        """Run the backbone and every head this model has.
+        """Run the backbone and the heads asked for.
 
         image (B,3,S,S) normalised; text_ids (B,L) starting with bos; text_padding_mask (B,L),
-        nonzero = padding, or None when no row is padded; mim_masked_pos (B,G*G) bool, True = patch replaced by the mask token.
+        nonzero = padding, or None when no row is padded; mim_masked_pos (B,G*G) bool, True = patch
+        replaced by the mask token (an MIM step).
 
-        Returns ``pred_box`` (B,4) sigmoid cx,cy,w,h; ``visu_sim`` (B,G*G) raw cosines;
+        Always: ``pred_box`` (B,4) sigmoid cx,cy,w,h; ``visu_sim`` (B,G*G) raw cosines;
         ``vision_cls``/``language_cls`` (B,D) unit vectors; ``vision_tokens``/``text_tokens`` the
-        backbone outputs; ``seg_mask`` (B,1,8G,8G) with a seg head; ``mim_logits`` (B,G*G,C)
-        for every patch and ``mim_vts_pred`` (B,G*G,4) when ``mim_masked_pos`` is given.
+        backbone outputs; with a seg head ``seg_mask`` (B,1,8G,8G). MRefM heads, on request:
+
+        - ``mim_logits`` at the patches ``mim_positions`` (B,K) gives, (B,K,C); with
+          ``mim_masked_pos`` but no positions, at every patch (B,G*G,C). Computing them only at
+          the masked patches saves the (B, 576, 8192) logits of the official code.
+        - ``mim_vts_pred`` (B,G*G,4) with ``mim_vts``;
+        - ``mlm_logits`` (B,K,V) at the text positions ``mlm_positions`` (B,K), from the raw
+          final-LayerNorm text features (official ``use_vanilla_text_token``);
+        - ``mlm_sts_scores`` (B,L-2) with ``mlm_sts``: the STS head's raw scores at text positions
+          1..L-2 (the official ``mlm_sts_pred`` is their softmax; oneref.tasks.losses.mlm_sts_loss).
         """
         feats = self.beit3(image, text_ids, text_padding_mask, mim_masked_pos, return_all_hiddens)
         vision, text = feats["vision"], feats["text"]
@@ -265,8 +281,27 @@ class OneRef(nn.Module):
             out["hidden_states"] = feats["hidden_states"]
         if self.cfg.seg_head:
             out["seg_mask"] = self.forward_seg(vision[:, 1:], language_cls)
-        if mim_masked_pos is not None and self.cfg.mim_codebook_size:
-            relation = language_cls.unsqueeze(1) * patches  # text-cls-modulated patches
-            out["mim_logits"] = self.mim_head(F.normalize(relation, dim=-1))
-            out["mim_vts_pred"] = self.mim_vts_head(relation)
+        wants_mim = mim_positions is not None or mim_masked_pos is not None or mim_vts
+        if wants_mim and self.cfg.mim_codebook_size:
+            relation = language_cls.unsqueeze(1) * patches  # text-cls-modulated patches (B,N,D)
+            at = relation if mim_positions is None else _gather_rows(relation, mim_positions)
+            out["mim_logits"] = self.mim_head(F.normalize(at, dim=-1))
+            if mim_vts:
+                out["mim_vts_pred"] = self.mim_vts_head(relation)
+        if mlm_positions is not None:
+            self._require("mlm_head", "mlm_positions")
+            out["mlm_logits"] = self.mlm_head(_gather_rows(text, mlm_positions))
+        if mlm_sts:
+            self._require("mlm_sts_head", "mlm_sts")
+            t_hat = F.normalize(self.language_head(text[:, 1 : text.shape[1] - 1]), dim=-1)
+            out["mlm_sts_scores"] = self.mlm_sts_head(out["vision_cls"].unsqueeze(1) * t_hat).squeeze(-1)
         return out
+
+    def _require(self, head: str, arg: str) -> None:
+        if not hasattr(self, head):
+            raise ValueError(f"{arg} needs the MRefM heads: build the model with mlm_head=True (task=mrefm)")
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x (B,N,D) at the rows index (B,K) -> (B,K,D) (a static-shape gather)."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +232,8 @@ LOSS_REACH: dict[str, frozenset[str]] = {
     "use_contrastive_loss": _SIMILARITY | {"logit_scale"},
     "enable_mim": _SIMILARITY | {"mask_token", "mim_head"},
     "enable_mim_vts": _SIMILARITY | {"mask_token", "mim_vts_head"},
+    "enable_mlm": frozenset({"backbone", "mlm_head"}),  # raw text features at the masked positions
+    "enable_mlm_sts": _SIMILARITY | {"mlm_sts_head"},  # vision cls . normalised language_head(text)
 }
 
 
@@ -357,13 +360,18 @@ class GroundingCriterion(nn.Module):
     ``use_box_mask_constraints`` stands for the official ``--use_box_mask_constraints or
     --enable_dynamic_mim``; ``enable_mim`` for ``--enable_ref_mim`` (the MIM terms are added only
     when the outputs carry ``mim_logits``, i.e. on MIM steps); ``enable_mim_vts`` for
-    ``--enable_mim_vts``. ``similarity_temperature`` is the non-official temperature of the
-    box-mask constraint (None = official).
+    ``--enable_mim_vts``. ``enable_mlm`` stands for ``--enable_ref_mlm`` (added only when the
+    outputs carry ``mlm_logits``, i.e. on MLM steps) with the ``mlm`` options of :func:`mlm_loss`;
+    ``enable_mlm_sts`` for ``--enable_mlm_sts``. ``similarity_temperature`` is the non-official
+    temperature of the box-mask constraint (None = official).
 
-    ``forward(outputs, targets, logit_scale=None)``: ``outputs`` holds the model's ``pred_box``,
-    ``visu_sim``, ``seg_mask``, ``vision_cls``, ``language_cls``, ``mim_logits``,
-    ``mim_vts_pred`` as needed; ``targets`` holds ``box`` (B,4) cxcywh, ``obj_mask`` (B,1,S,S)
-    and, for MIM, ``mim_codes`` (B,N), ``mim_mask`` (B,N) bool, ``mim_vts`` (B,N,4).
+    ``forward(outputs, targets, logit_scale=None, step=0)``: ``outputs`` holds the model's
+    ``pred_box``, ``visu_sim``, ``seg_mask``, ``vision_cls``, ``language_cls``, ``mim_logits``,
+    ``mim_vts_pred``, ``mlm_logits``, ``mlm_sts_scores`` as needed; ``targets`` holds ``box``
+    (B,4) cxcywh, ``obj_mask`` (B,1,S,S), for MIM ``mim_codes`` and ``mim_mask`` (which rows of
+    ``mim_logits`` count: (B,N) for all patches, or the (B,K) slot validity) and ``mim_vts``
+    (B,N,4), for MLM ``mlm_labels`` and ``mlm_valid`` (B,K) and ``mlm_sts_labels`` (B,L-2).
+    ``step`` is the global step (the MLM loss drops its worst rows after ``drop_worst_after``).
     ``logit_scale`` (the model's log scale) is needed for the contrastive term; it may also be
     given as ``outputs["logit_scale"]``. Returns the named terms in the official order plus
     ``loss``, their sum. Everything is computed in float32, outside autocast.
@@ -377,9 +385,27 @@ class GroundingCriterion(nn.Module):
         use_contrastive_loss: bool = False,
         enable_mim: bool = False,
         enable_mim_vts: bool = False,
+        enable_mlm: bool = False,
+        enable_mlm_sts: bool = False,
         similarity_temperature: float | None = None,
+        mlm: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.enable_mlm = enable_mlm
+        self.enable_mlm_sts = enable_mlm_sts
+        self.mlm = dict(mlm or {})  # label_smoothing, drop_worst_ratio, drop_worst_after, keep_at_least_one
+        unknown = set(self.mlm) - {
+            "label_smoothing",
+            "drop_worst_ratio",
+            "drop_worst_after",
+            "keep_at_least_one",
+        }
+        if unknown:
+            raise ValueError(f"unknown MLM loss option(s) {sorted(unknown)}")
+        if enable_mlm_sts and not enable_mlm:
+            raise ValueError(
+                "enable_mlm_sts=True needs enable_mlm=True (the STS loss is part of the MLM step)"
+            )
         self.use_regress_box = use_regress_box
         self.use_box_mask_constraints = use_box_mask_constraints
         self.use_mask_loss = use_mask_loss
@@ -397,6 +423,7 @@ class GroundingCriterion(nn.Module):
         names = ("use_regress_box", "use_box_mask_constraints", "use_mask_loss", "use_contrastive_loss")
         flags = {n: getattr(self, n) for n in names}
         flags.update(enable_mim=self.enable_mim, enable_mim_vts=self.enable_mim_vts)
+        flags.update(enable_mlm=self.enable_mlm, enable_mlm_sts=self.enable_mlm_sts)
         return reached_parts(flags)
 
     def extra_repr(self) -> str:
@@ -407,6 +434,8 @@ class GroundingCriterion(nn.Module):
             "use_contrastive_loss",
             "enable_mim",
             "enable_mim_vts",
+            "enable_mlm",
+            "enable_mlm_sts",
             "similarity_temperature",
         )
         return ", ".join(f"{f}={getattr(self, f)}" for f in flags)
@@ -423,14 +452,19 @@ class GroundingCriterion(nn.Module):
         outputs: Mapping[str, Tensor],
         targets: Mapping[str, Tensor],
         logit_scale: Tensor | None = None,
+        step: int = 0,
     ) -> dict[str, Tensor]:
         tensors = [v for v in outputs.values() if isinstance(v, Tensor)]
         device_type = tensors[0].device.type if tensors else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._losses(outputs, targets, logit_scale)
+            return self._losses(outputs, targets, logit_scale, step)
 
     def _losses(
-        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], logit_scale: Tensor | None
+        self,
+        outputs: Mapping[str, Tensor],
+        targets: Mapping[str, Tensor],
+        logit_scale: Tensor | None,
+        step: int,
     ) -> dict[str, Tensor]:
         get = self._get
         losses: dict[str, Tensor] = {}
@@ -462,6 +496,21 @@ class GroundingCriterion(nn.Module):
             losses.update(
                 seg_loss(get(outputs, "seg_mask", "outputs", why), get(targets, "obj_mask", "targets", why))
             )
+        if self.enable_mlm and outputs.get("mlm_logits") is not None:  # official dict order: mlm first
+            why = "the outputs carry mlm_logits (an MLM step)"
+            losses["loss_mlm"] = mlm_loss(
+                get(outputs, "mlm_logits", "outputs", why),
+                get(targets, "mlm_labels", "targets", why),
+                get(targets, "mlm_valid", "targets", why).bool(),
+                step=step,
+                **self.mlm,
+            )
+            if self.enable_mlm_sts:
+                why = "enable_mlm_sts is on"
+                losses["loss_mlm_sts"] = mlm_sts_loss(
+                    get(outputs, "mlm_sts_scores", "outputs", why),
+                    get(targets, "mlm_sts_labels", "targets", why),
+                ).float()
         if self.enable_mim and outputs.get("mim_logits") is not None:
             why = "the outputs carry mim_logits (a MIM step)"
             losses["loss_mim"] = mim_loss(
