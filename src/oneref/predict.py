@@ -159,13 +159,20 @@ def print_predictions(rows: list[dict[str, Any]], seconds: float | None = None) 
         )
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
-def main(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> int:
+    """The command: predictions printed, or bad input reported in one line (exit status 2)."""
     try:
         print_predictions(*run(cfg))
     except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to fix
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    if code := cli(cfg):
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -447,8 +447,10 @@ def load(
             tok = _tokenizer(tokenizer, max_query_len or DEFAULT_MAX_QUERY_LEN)
             if config is None:
                 arch = infer_architecture(extract_state_dict(obj, source=str(path)).state_dict)
-                config = infer_config(arch, size=size, task="rec" if fmt == "mrefm" else None)
+                config = infer_config(arch, task="rec" if fmt == "mrefm" else None)
         del obj
+    if config is not None or fmt == "folder":  # checked before the weights are read
+        _check_size(size, config or folder.cfg, path)
     model, _ = load_model(path, config, fmt)
     _check_size(size, model.cfg, path)
     predictor = Predictor(
