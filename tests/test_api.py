@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -346,3 +347,26 @@ def test_expressions_over_max_query_len_are_truncated_with_one_warning(ckpt, cap
     assert len(warnings) == 1 and f"max_query_len - 2 = {limit - 2}" in warnings[0].getMessage()
     np.testing.assert_array_equal(a.box_xyxy, b.box_xyxy)  # the same first pieces: the same box
     assert short.text == TEXT
+
+
+def test_bad_settings_are_refused_before_the_weights_are_read(ckpt, monkeypatch):
+    import oneref.predictor as predictor_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were read before the settings were checked")
+
+    monkeypatch.setattr(predictor_module, "load_model", never)
+    bad = [
+        (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+        (dict(workers=-1), "workers must be an integer >= 0"),
+        (dict(precision="fp16"), "precision must be 'auto' or 'fp32', got 'fp16'"),
+        (dict(device="gpu0"), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
+        (dict(background="no-such-colour"), "background: unknown colour 'no-such-colour'"),
+        (dict(max_pixels=0), "max_pixels must be a positive integer or None"),
+        (dict(max_query_len="64"), "max_query_len must be an integer"),
+    ]
+    if not torch.cuda.is_available():
+        bad.append((dict(device="cuda"), "device='cuda' but torch sees no CUDA GPU here"))
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            oneref.load(ckpt, **kwargs)

@@ -153,39 +153,27 @@ class Predictor:
             raise TypeError(
                 f"Predictor needs a OneRef model, got {type(model).__name__}; use oneref.load(path)"
             )
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"precision must be 'auto' or 'fp32', got {precision!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if workers is None:
-            workers = min(4, os.cpu_count() or 1)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ValueError(
-                f"workers must be an integer >= 0 (0: decode in the calling thread), got {workers!r}"
-            )
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} ids but the model's text embedding "
                 f"has {model.cfg.vocab_size} rows: it is not this model's tokenizer (the released models use "
                 "beit3.spm)"
             )
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        photo_options = dict(
+            exif_orientation=exif_orientation,
+            background=background,
+            max_pixels=max_pixels,
+            hard_max_pixels=hard_max_pixels,
+        )
+        device, workers = check_options(device, precision, batch_size, workers, photo_options)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.collate = RefCollate(tokenizer.max_query_len, tokenizer=tokenizer)
         self.bf16 = self.device.type == "cuda" and precision == "auto"
         self.batch_size = int(batch_size)
-        self.workers = int(workers)
-        self.photo_options: dict[str, Any] = dict(
-            exif_orientation=exif_orientation,
-            background=background,
-            max_pixels=max_pixels,
-            hard_max_pixels=hard_max_pixels,
-        )
-        # settings are checked now rather than at the first image
-        load_photo(np.zeros((1, 1, 3), np.uint8), **self.photo_options)
+        self.workers = workers
+        self.photo_options: dict[str, Any] = photo_options
         self.source = ""  # the checkpoint, set by load()
 
     def __repr__(self) -> str:
@@ -360,6 +348,38 @@ class Predictor:
         return preds
 
 
+def check_options(
+    device: str | torch.device,
+    precision: str,
+    batch_size: int,
+    workers: int | None,
+    photo_options: dict[str, Any],
+) -> tuple[torch.device, int]:
+    """Refuse bad settings before any weight is read; returns the device and the worker count."""
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"precision must be 'auto' or 'fp32', got {precision!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(
+            f"workers must be an integer >= 0 (0: decode in the calling thread), got {workers!r}"
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} but torch sees no CUDA GPU here; use device='auto' or 'cpu'"
+        )
+    load_photo(np.zeros((1, 1, 3), np.uint8), **photo_options)  # the photo settings, checked now
+    return device, workers
+
+
 # -- loading ---------------------------------------------------------------------------------------
 def load(
     path: str | os.PathLike,
@@ -408,6 +428,13 @@ def load(
         raise ValueError(f"max_query_len must be an integer, got {max_query_len!r}")
     if size is not None and size not in SIZES:
         raise CheckpointError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    photo_options = dict(
+        exif_orientation=exif_orientation,
+        background=background,
+        max_pixels=max_pixels,
+        hard_max_pixels=hard_max_pixels,
+    )
+    check_options(device, precision, batch_size, workers, photo_options)
 
     if path.is_dir() or source_format == "folder":
         folder = read_folder(path)
@@ -460,10 +487,7 @@ def load(
         precision=precision,
         batch_size=batch_size,
         workers=workers,
-        exif_orientation=exif_orientation,
-        background=background,
-        max_pixels=max_pixels,
-        hard_max_pixels=hard_max_pixels,
+        **photo_options,
     )
     predictor.source = str(path)
     log.info("loaded %r", predictor)
