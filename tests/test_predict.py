@@ -181,6 +181,17 @@ def test_exif_rotated_photo_is_drawn_upright(make_cfg, tmp_path, trained):
     assert untouched.sum() > 1000 and same[untouched].mean() > 0.9
 
 
+def test_a_downscaled_photo_is_reported_in_its_own_pixels(make_cfg, tmp_path, trained):
+    task, ckpt, imgs = trained
+    query = (f"image={imgs / 'wide.jpg'}", "text='the red circle'")
+    (row,) = predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", *query, "photo.max_pixels=2100"))
+    assert row["image_size"] == [120, 70] and row["box_xyxy"][2] <= 120
+    drawn = Image.open(row["drawn"])
+    assert drawn.width == 60  # drawn on the copy the model saw, 60 x 35: a quarter of the pixels
+    if task == "res":
+        assert np.asarray(Image.open(row["mask_png"])).shape == (70, 120)
+
+
 def test_bad_queries_are_clear_errors(make_cfg, tmp_path, trained, capsys):
     task, ckpt, imgs = trained
     with pytest.raises(ValueError, match="give image=PATH"):
