@@ -370,3 +370,18 @@ def test_bad_settings_are_refused_before_the_weights_are_read(ckpt, monkeypatch)
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
             oneref.load(ckpt, **kwargs)
+
+
+def test_stopping_early_stops_the_decoding_threads(model, tmp_path):
+    import threading
+
+    paths = []
+    for k in range(40):
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(noise(30, 40, seed=k)).save(paths[-1])
+    stream = model.iter_predict(paths, [TEXT] * len(paths))
+    photo, first = next(stream)
+    assert first.image == str(paths[0]) and photo.image.size == (40, 30)
+    assert any(t.name.startswith("oneref-decode") for t in threading.enumerate())
+    stream.close()
+    assert not any(t.name.startswith("oneref-decode") for t in threading.enumerate())

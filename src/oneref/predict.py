@@ -106,7 +106,8 @@ def run(cfg: DictConfig) -> tuple[list[dict[str, Any]], float]:
     # PNG encoding costs more than the tiny model: files are written by threads, a bounded few ahead
     with ThreadPoolExecutor(max(1, predictor.workers), thread_name_prefix="oneref-write") as pool:
         writing: deque[Future] = deque()
-        for n, (q, (photo, pred)) in enumerate(zip(queries, stream)):
+        for n, (photo, pred) in enumerate(stream):  # to its end: the bar and the pool close there
+            q = queries[n]
             row: dict[str, Any] = {**pred.to_dict(), "image": str(q.image)}
             if pred.mask is not None:
                 row["mask_png"] = str(out_dir / f"mask_{n:05d}.png")
