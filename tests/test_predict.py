@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
+import oneref
 from conftest import train_tiny_checkpoint
-from oneref.checkpoint import save_folder
+from oneref.checkpoint import CheckpointError, load_checkpoint_file, save_folder, to_official
+from oneref.predict import cli as predict_cli
 from oneref.predict import predict
 from oneref.tasks.grounding import GroundingModule
 
@@ -104,10 +106,8 @@ def test_batch_file_matches_single_queries_and_the_model(make_cfg, tmp_path, tra
 def test_folder_and_official_file(make_cfg, tmp_path, trained):
     task, ckpt, imgs = trained
     module = GroundingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    cfg = _cfg(make_cfg, task, f"ckpt_path={ckpt}")
-    from hydra.utils import instantiate
-
-    spm = instantiate(cfg.data, _convert_="all").tokenizer.model_path
+    spm = tmp_path / "tiny.spm"
+    spm.write_bytes(load_checkpoint_file(ckpt)["tokenizer"]["model"])
     folder = save_folder(
         tmp_path / "folder",
         module.model.state_dict(),
@@ -116,26 +116,115 @@ def test_folder_and_official_file(make_cfg, tmp_path, trained):
         max_query_len=20,
         tokenizer=spm,
     )
+    official, _ = to_official(module.model.state_dict(), module.model.cfg)
+    torch.save(official, tmp_path / "OneRef_T.pth")
     query = (f"image={imgs / 'wide.jpg'}", "text='the red circle'", "draw=false")
     ours = predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", *query))
     from_folder = predict(_cfg(make_cfg, task, f"ckpt_path={folder}", *query))
     assert from_folder[0]["box_xyxy"] == ours[0]["box_xyxy"]
+    # an official file is built as model= and task= say (model=tiny: the architecture it was trained with)
+    pth = f"ckpt_path={tmp_path / 'OneRef_T.pth'}"
+    from_pth = predict(
+        _cfg(make_cfg, task, pth, "ckpt_format=official", f"tokenizer={spm}", "data.max_query_len=20", *query)
+    )
+    assert from_pth[0]["box_xyxy"] == ours[0]["box_xyxy"]
+    # never paired with the synthetic set's tokenizer behind the user's back
+    with pytest.raises(CheckpointError, match="no tokenizer found for .*OneRef_T.pth: .*pass tokenizer=PATH"):
+        predict(_cfg(make_cfg, task, pth, *query))
 
 
-def test_bad_queries_are_clear_errors(make_cfg, tmp_path, trained):
+def test_cli_and_api_give_the_same_boxes(make_cfg, tmp_path, trained):
+    """The CLI is a layer over the API: same queries (one photo EXIF-rotated), same boxes and masks."""
+    task, ckpt, imgs = trained
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.open(imgs / "wide.jpg").save(tmp_path / "rotated.jpg", exif=exif)
+    lines = [
+        {"image": str(imgs / "wide.jpg"), "text": "the big blue square"},
+        {"image": "rotated.jpg", "text": "the shape on the left"},
+        {"image": str(imgs / "tall.png"), "text": "the red circle"},
+    ]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    rows = predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"inputs={tmp_path / 'q.jsonl'}", "draw=false"))
+    paths = [imgs / "wide.jpg", tmp_path / "rotated.jpg", imgs / "tall.png"]
+    api = oneref.load(ckpt, device="cpu").predict(paths, [r["text"] for r in lines])
+    assert [r["box_xyxy"] for r in rows] == [p.to_dict()["box_xyxy"] for p in api]
+    assert [r["image_size"] for r in rows] == [[120, 70], [70, 120], [50, 90]]
+    if task == "res":
+        for row, p in zip(rows, api):
+            np.testing.assert_array_equal(np.asarray(Image.open(row["mask_png"])) > 0, p.mask)
+
+
+def test_exif_rotated_photo_is_drawn_upright(make_cfg, tmp_path, trained):
+    """The reported case: a JPEG stored 300 x 500 tagged "rotate 90" is shown 500 x 300; the box,
+    the mask and the drawing are in that frame."""
+    task, ckpt, _ = trained
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "phone.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (500, 300, 3), dtype=np.uint8)).save(
+        photo, exif=exif
+    )
+    (row,) = predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"image={photo}", "text='the red circle'"))
+    assert row["image_size"] == [500, 300]
+    assert row["box_xyxy"][2] <= 500 and row["box_xyxy"][3] <= 300
+    drawn = Image.open(row["drawn"])
+    assert drawn.width == 500 and drawn.height > 300  # the upright picture plus a caption strip
+    # what is drawn on is the upright picture: untouched pixels (away from the box / mask) equal it
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(photo)).convert("RGB")).astype(int)
+    untouched = np.ones((300, 500), bool)
+    if task == "res":
+        mask = np.asarray(Image.open(row["mask_png"])) > 0
+        assert mask.shape == (300, 500)
+        untouched = ~np.pad(mask, 1)[:-2, 1:-1] & ~np.pad(mask, 1)[2:, 1:-1] & ~mask  # not on the outline
+    same = (np.asarray(drawn.convert("RGB"))[:300].astype(int) == upright).all(-1)
+    assert untouched.sum() > 1000 and same[untouched].mean() > 0.9
+
+
+def test_a_downscaled_photo_is_reported_in_its_own_pixels(make_cfg, tmp_path, trained):
+    task, ckpt, imgs = trained
+    query = (f"image={imgs / 'wide.jpg'}", "text='the red circle'")
+    (row,) = predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", *query, "photo.max_pixels=2100"))
+    assert row["image_size"] == [120, 70] and row["box_xyxy"][2] <= 120
+    drawn = Image.open(row["drawn"])
+    assert drawn.width == 60  # drawn on the copy the model saw, 60 x 35: a quarter of the pixels
+    if task == "res":
+        assert np.asarray(Image.open(row["mask_png"])).shape == (70, 120)
+
+
+def test_bad_queries_are_clear_errors(make_cfg, tmp_path, trained, capsys):
     task, ckpt, imgs = trained
     with pytest.raises(ValueError, match="give image=PATH"):
         predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}"))
-    with pytest.raises(FileNotFoundError, match="image not found: .*nope.jpg"):
+    with pytest.raises(FileNotFoundError, match="image=: image not found: .*nope.jpg"):
         predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", "image=nope.jpg", "text='x'"))
-    with pytest.raises(ValueError, match="expression is empty"):
+    with pytest.raises(ValueError, match="image=: the expression ' ' for .*wide.jpg is empty"):
         predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"image={imgs / 'wide.jpg'}", "text=' '"))
     (tmp_path / "bad.jsonl").write_text('{"image": "wide.jpg"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object with 'image' and 'text'"):
         predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"inputs={tmp_path / 'bad.jsonl'}"))
+    wide = str(imgs / "wide.jpg")
+    rows = [{"image": wide, "text": "x"}, None, {"image": wide, "text": ""}]  # line 2 blank: skipped
+    (tmp_path / "empty.jsonl").write_text("\n".join(json.dumps(r) if r else "" for r in rows))
+    with pytest.raises(ValueError, match=r"empty.jsonl:3: the expression '' for .*wide.jpg is empty"):
+        predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"inputs={tmp_path / 'empty.jsonl'}"))
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+    with pytest.raises(ValueError, match="query 0: .*broken.jpg: not an image file Pillow can read"):
         predict(_cfg(make_cfg, task, f"ckpt_path={ckpt}", f"image={tmp_path / 'broken.jpg'}", "text='x'"))
+    with pytest.raises(FileNotFoundError, match="ckpt_path not found: .*nope.ckpt"):
+        predict(
+            _cfg(
+                make_cfg,
+                task,
+                f"ckpt_path={tmp_path / 'nope.ckpt'}",
+                f"image={imgs / 'wide.jpg'}",
+                "text='x'",
+            )
+        )
+    # the command prints one line, not a traceback
+    assert predict_cli(_cfg(make_cfg, task, f"ckpt_path={ckpt}", "image=nope.jpg", "text='x'")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: image=: image not found") and "Traceback" not in err
 
 
 @pytest.mark.parametrize("trained", ["rec"], indirect=True)  # one task is enough

@@ -5,8 +5,10 @@
     python -m oneref.convert to-official IN OUT.pth      # IN: a folder or one of our Lightning .ckpt
     python -m oneref.convert validate DIR
     python -m oneref.convert parity GOLDEN_DIR
+    python -m oneref.convert export CKPT OUT [--format onnx|torch_export] [--text-lengths LO HI]
+                                      [--batch N] [--opset 18] [--no-verify] [--device cpu|cuda]
 
-See docs/checkpoints.md.
+See docs/checkpoints.md, and docs/predict.md for export.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from oneref.checkpoint import (
     to_official,
     validate_folder,
 )
+from oneref.checkpoint.export import ExportError
 from oneref.checkpoint.folder import DEFAULT_MAX_QUERY_LEN
 from oneref.checkpoint.loading import allowed_missing
 from oneref.parity import PARITY_TOL, parity_rows
@@ -127,6 +130,48 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- export ---------------------------------------------------------------------------------------------
+EXPORT_SUFFIXES = {".onnx": "onnx", ".pt2": "torch_export"}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from oneref.checkpoint import load_model
+    from oneref.checkpoint.export import EXPORT_FORMATS, export_model
+
+    out = Path(args.output)
+    fmt = args.format or EXPORT_SUFFIXES.get(out.suffix.lower())
+    if fmt is None:
+        raise CheckpointError(
+            f"cannot tell the export format from {out.name!r}: pass --format {'|'.join(EXPORT_FORMATS)} "
+            f"(or name the file {' / '.join(EXPORT_SUFFIXES)})"
+        )
+    if not Path(args.input).exists():
+        raise CheckpointError(f"checkpoint {args.input} does not exist; check the path")
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"{out} exists; choose another name or pass --overwrite")
+    lengths = None
+    if args.text_lengths:
+        lengths = args.text_lengths[0] if len(args.text_lengths) == 1 else tuple(args.text_lengths)
+    model, _ = load_model(args.input, source_format=args.ckpt_format)
+    model = model.to(args.device)
+    try:
+        report = export_model(
+            model,
+            out,
+            fmt,
+            text_lengths=lengths,
+            batch=args.batch,
+            opset=args.opset,
+            verify=not args.no_verify,
+        )
+    except (ValueError, ImportError) as e:  # bad --text-lengths / --batch, or the export extra missing
+        raise CheckpointError(str(e)) from e
+    for f in report.files:
+        print(f"wrote {f} ({f.stat().st_size / 1e6:.1f} MB)")
+    print(report.summary())
+    return 0
+
+
 # -- CLI ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m oneref.convert", description=__doc__.split("\n\n")[0])
@@ -196,6 +241,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("golden_dir")
     q.add_argument("--tol", type=float, default=PARITY_TOL)
     q.set_defaults(func=cmd_parity)
+
+    e = sub.add_parser("export", help="any checkpoint -> ONNX or a torch.export program (docs/predict.md)")
+    e.add_argument("input", help="one of our .ckpt files, a checkpoint folder or an official .pth")
+    e.add_argument("output", help="file to write (.onnx or .pt2)")
+    e.add_argument(
+        "--format", choices=["onnx", "torch_export"], help="default: from the suffix (.onnx, .pt2)"
+    )
+    e.add_argument(
+        "--ckpt-format",
+        choices=["folder", "lightning", "official", "mrefm"],
+        help="the checkpoint's format (default: a folder is a folder, a Lightning file is Lightning, else official)",
+    )
+    e.add_argument(
+        "--text-lengths",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="LO HI: dynamic text length in that range; N: that length only (default: 2 to the position table)",
+    )
+    e.add_argument("--batch", type=int, help="fixed batch size (default: dynamic)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    e.add_argument("--device", default="cpu", help="device to export on (a .pt2 program runs on it)")
+    e.add_argument("--no-verify", action="store_true", help="skip running the file against the eager model")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
     return p
 
 
@@ -205,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"error: export failed: {e}", file=sys.stderr)
         return 2
 
 

@@ -135,14 +135,16 @@ def load_module(cfg: DictConfig) -> GroundingModule:
 def resolve_tokenizer(cfg: DictConfig) -> Tokenizer:
     """The tokenizer for ``cfg.ckpt_path``, without building a DataModule: ``tokenizer=`` if given,
     else the checkpoint's own (a folder's file, or the copy our ``.ckpt`` files embed), else
-    ``data.tokenizer``, else the synthetic dataset's model when it has been generated."""
+    ``data.tokenizer``, else, for our own checkpoints only, the synthetic dataset's model when it
+    has been generated (an official file is never paired with the synthetic vocabulary)."""
     from oneref.checkpoint import CheckpointError, load_checkpoint_file, read_folder
     from oneref.data.synthetic import SyntheticPaths
 
     max_len = int(cfg.data.max_query_len)
     if cfg.get("tokenizer"):
         return Tokenizer(Path(str(cfg.tokenizer)).expanduser(), max_len)
-    path = Path(str(cfg.ckpt_path))
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    ours = path.is_dir() or path.suffix == ".ckpt"
     if path.is_dir():
         folder = read_folder(path)
         if folder.tokenizer is not None:
@@ -150,10 +152,12 @@ def resolve_tokenizer(cfg: DictConfig) -> Tokenizer:
     elif path.suffix == ".ckpt":
         entry = load_checkpoint_file(path, mmap=True).get("tokenizer")
         if entry:
-            return Tokenizer.from_serialized(entry["model"], int(entry["max_query_len"]), name=str(path))
+            return Tokenizer.from_serialized(
+                entry["model"], int(entry["max_query_len"]), name=f"{path} (embedded tokenizer)"
+            )
     if cfg.data.get("tokenizer"):
         return Tokenizer(Path(str(cfg.data.tokenizer)).expanduser(), max_len)
-    if cfg.data.get("dataset") == "synthetic":
+    if ours and cfg.data.get("dataset") == "synthetic":
         synthetic = SyntheticPaths(Path(str(cfg.data.data_root)).expanduser().absolute()).tokenizer
         if synthetic.is_file():
             return Tokenizer(synthetic, max_len)
@@ -164,12 +168,39 @@ def resolve_tokenizer(cfg: DictConfig) -> Tokenizer:
 
 
 def load_predictor(cfg: DictConfig) -> Predictor:
-    """A :class:`~oneref.predictor.Predictor` for ``cfg.ckpt_path`` (any checkpoint the CLI takes)."""
-    module = load_module(cfg)
-    return Predictor(
-        module.model,
-        resolve_tokenizer(cfg),
+    """A :class:`~oneref.predictor.Predictor` for ``cfg.ckpt_path`` (any checkpoint the CLI takes),
+    through :func:`oneref.predictor.load`. Our ``.ckpt`` files and checkpoint folders bring their
+    architecture; an official file is built as the composed ``model`` and ``task`` say."""
+    from dataclasses import fields
+
+    from oneref.checkpoint import CheckpointError
+    from oneref.models.oneref import OneRefConfig
+    from oneref.models.registry import model_config
+    from oneref.predictor import load
+
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path not found: {path}")
+    fmt = cfg.get("ckpt_format")
+    config = None
+    if not (path.is_dir() or (path.suffix == ".ckpt" and fmt in (None, "lightning"))):
+        known = {f.name for f in fields(OneRefConfig)}
+        arch = {k: v for k, v in to_container(cfg.model).items() if k in known}
+        try:
+            config = model_config(str(cfg.model.size), seg_head=cfg.task.name == "res", **arch)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"model={cfg.model.size} task={cfg.task.name}: {e}") from e
+    photo = to_container(cfg.get("photo") or {})
+    if isinstance(photo.get("background"), list):
+        photo["background"] = tuple(photo["background"])
+    return load(
+        path,
+        tokenizer=resolve_tokenizer(cfg),
+        source_format=fmt,
+        config=config,
         device=cfg.get("device", "auto"),
         precision=cfg.get("precision", "auto"),
         batch_size=int(cfg.get("batch_size", 16)),
+        workers=cfg.get("workers"),
+        **photo,
     )

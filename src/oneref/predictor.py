@@ -1,40 +1,127 @@
-"""A model ready to run on images and expressions, without a Trainer.
+"""Run a OneRef model on your own images and expressions, from Python, without a Trainer or Hydra:
 
-:class:`Predictor` holds the network, its tokenizer and its preprocessing (the official evaluation
-letterbox), batches the queries, and maps every result back to the image's own pixels: the box
-(xyxy) for every model, the mask at the image's size for RES models, by the same rule as the
-original-resolution metrics (oneref.tasks.metrics).
+    import oneref
+
+    model = oneref.load("best.ckpt")  # our .ckpt, a checkpoint folder, or an official .pth + tokenizer=
+    pred = model.predict("photo.jpg", "the man in red on the left")
+    print(pred.box_xyxy)  # x1, y1, x2, y2 in the photo's own pixels, as every viewer shows it
+
+:func:`load` builds a :class:`Predictor` from any checkpoint the CLI takes. The Predictor holds the
+network, its tokenizer and its preprocessing (the official evaluation letterbox). It reads every
+image with :func:`oneref.data.images.load_photo` (EXIF orientation, every Pillow mode, size
+limits), decodes images ahead of the model in a bounded thread pool, batches the queries, and maps
+every result back to the image as the user sees it: the box (xyxy) for every model, the mask at the
+image's size for RES models (by the rule of the original-resolution metrics, oneref.tasks.metrics).
+
+OneRef gives no confidence: its head regresses one box per expression, always, and nothing in the
+official model is trained to say how sure it is. A :class:`Prediction` therefore has no score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import os
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 import torch
 from PIL import Image
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 from torchvision.ops import box_convert
 
+from oneref.checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    infer_architecture,
+    infer_config,
+    is_lightning_checkpoint,
+    load_checkpoint_file,
+    load_model,
+    read_folder,
+)
+from oneref.checkpoint.folder import DEFAULT_MAX_QUERY_LEN, TOKENIZER_HELP
 from oneref.data.datasets import RefCollate
+from oneref.data.images import (
+    DEFAULT_BACKGROUND,
+    DEFAULT_HARD_MAX_PIXELS,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageSource,
+    Photo,
+    load_photo,
+)
 from oneref.data.tokenizer import Tokenizer
-from oneref.data.transforms import ObjMask, eval_transform, letterbox_to_original
-from oneref.models.oneref import OneRef
+from oneref.data.transforms import (
+    ObjMask,
+    TransformResult,
+    eval_transform,
+    letterbox_to_original,
+    long_side_size,
+)
+from oneref.models.oneref import OneRef, OneRefConfig
+from oneref.models.registry import SIZES
 from oneref.tasks.metrics import res_pred_mask_original
 
+log = logging.getLogger(__name__)
 
-@dataclass
+# Formats a predictor can run: a BEiT-3 pretrained file has no trained grounding head.
+PREDICT_FORMATS = ("folder", "lightning", "official", "mrefm")
+SOURCES_HELP = (
+    "give one of our Lightning .ckpt files, a checkpoint folder (python -m oneref.convert official IN.pth "
+    "OUT_DIR --tokenizer beit3.spm) or an official .pth with tokenizer='beit3.spm'"
+)
+
+
+@dataclass(frozen=True, eq=False)
 class Prediction:
-    """One query's result, in the pixels of the image as given (width x height)."""
+    """One query's result, in the pixels of the image as the user sees it (after the EXIF
+    rotation, before any downscaling)."""
 
     text: str
-    box_xyxy: np.ndarray  # float32 (4,) x1, y1, x2, y2
+    box_xyxy: np.ndarray  # float32 (4,): x1, y1, x2, y2, inside the image
     image_size: tuple[int, int]  # (width, height)
     mask: np.ndarray | None = None  # bool (height, width), RES models only
+    image: str = ""  # the image's name in messages: its path, "<PIL image>" or "<array>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: image, text, box_xyxy (rounded to 0.01 px), image_size, mask_area (RES)."""
+        out: dict[str, Any] = {
+            "image": self.image,
+            "text": self.text,
+            "box_xyxy": [round(float(v), 2) for v in self.box_xyxy],
+            "image_size": list(self.image_size),
+        }
+        if self.mask is not None:
+            out["mask_area"] = int(self.mask.sum())
+        return out
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A decoded photo and its letterboxed sample (what the worker threads produce)."""
+
+    photo: Photo
+    sample: TransformResult = field(repr=False)
 
 
 class Predictor:
-    """``predict(images, texts)`` for a OneRef model.
+    """``predict(images, texts)`` for a OneRef model (build it with :func:`load`).
 
     Args:
         model: the network (any heads; a seg head adds masks).
@@ -42,6 +129,10 @@ class Predictor:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, or a torch.device.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on the CPU) or ``fp32``.
         batch_size: queries per forward.
+        workers: threads decoding images ahead of the model (None: up to 4; 0: in the calling
+            thread). At most ``batch_size + workers`` decoded images are held at a time.
+        exif_orientation, background, max_pixels, hard_max_pixels: how photos are read
+            (:func:`oneref.data.images.load_photo`).
     """
 
     def __init__(
@@ -52,19 +143,45 @@ class Predictor:
         device: str | torch.device = "auto",
         precision: str = "auto",
         batch_size: int = 16,
+        workers: int | None = None,
+        exif_orientation: bool = True,
+        background: tuple[int, int, int] | str | None = DEFAULT_BACKGROUND,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        hard_max_pixels: int | None = DEFAULT_HARD_MAX_PIXELS,
     ) -> None:
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"precision must be 'auto' or 'fp32', got {precision!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not isinstance(model, OneRef):
+            raise TypeError(
+                f"Predictor needs a OneRef model, got {type(model).__name__}; use oneref.load(path)"
+            )
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} ids but the model's text embedding "
+                f"has {model.cfg.vocab_size} rows: it is not this model's tokenizer (the released models use "
+                "beit3.spm)"
+            )
+        photo_options = dict(
+            exif_orientation=exif_orientation,
+            background=background,
+            max_pixels=max_pixels,
+            hard_max_pixels=hard_max_pixels,
+        )
+        device, workers = check_options(device, precision, batch_size, workers, photo_options)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.collate = RefCollate(tokenizer.max_query_len, tokenizer=tokenizer)
         self.bf16 = self.device.type == "cuda" and precision == "auto"
         self.batch_size = int(batch_size)
+        self.workers = workers
+        self.photo_options: dict[str, Any] = photo_options
+        self.source = ""  # the checkpoint, set by load()
+
+    def __repr__(self) -> str:
+        cfg = self.model.cfg
+        return (
+            f"Predictor({self.source or 'model'!r}, task={self.task}, img_size={cfg.img_size}, "
+            f"width={cfg.embed_dim}, depth={cfg.depth}, device={self.device}, batch_size={self.batch_size})"
+        )
 
     @property
     def img_size(self) -> int:
@@ -74,53 +191,421 @@ class Predictor:
     def has_masks(self) -> bool:
         return self.model.cfg.seg_head
 
-    @torch.no_grad()
-    def predict(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[Prediction]:
-        """One prediction per (image, text) pair; ``images`` are RGB PIL images."""
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts: give one text per image")
-        out: list[Prediction] = []
-        for start in range(0, len(images), self.batch_size):
-            out += self._batch(
-                images[start : start + self.batch_size], texts[start : start + self.batch_size]
-            )
-        return out
+    @property
+    def task(self) -> str:
+        return "res" if self.has_masks else "rec"
 
-    def _batch(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[Prediction]:
-        size = self.img_size
-        # no ground truth: an empty box and mask ride along through the transform
-        results = [
-            eval_transform(
-                img,
-                np.zeros(4, np.float32),
-                ObjMask(rows=np.zeros(img.height, bool), cols=np.zeros(img.width, bool)),
-                size,
+    def load_photo(self, source: ImageSource) -> Photo:
+        """``source`` read as this predictor reads every image (its photo settings)."""
+        return load_photo(source, **self.photo_options)
+
+    # -- the API ----------------------------------------------------------------------------------
+    @overload
+    def predict(self, images: ImageSource, texts: str, *, progress: bool = False) -> Prediction: ...
+
+    @overload
+    def predict(
+        self, images: ImageSource | Iterable[ImageSource], texts: Iterable[str], *, progress: bool = False
+    ) -> list[Prediction]: ...
+
+    def predict(self, images, texts, *, progress=False):
+        """Ground ``texts`` in ``images``.
+
+        - one image and one text (a ``str``): one :class:`Prediction`;
+        - one image and a list of texts: a list, one per text (the image is decoded once);
+        - a list of images and a list of texts of the same length: a list, one per pair.
+
+        An image is a path (str or Path), a PIL image or a numpy array (see ``load_photo``).
+        ``progress``: a progress bar on the terminal (never in logs or pipes). Boxes and masks are
+        in the pixels of each image as the user sees it.
+        """
+        single = isinstance(texts, str) and _is_single_image(images)
+        preds = [p for _, p in self.iter_predict(images, texts, progress=progress)]
+        return preds[0] if single else preds
+
+    def iter_predict(
+        self,
+        images: ImageSource | Iterable[ImageSource],
+        texts: str | Iterable[str],
+        *,
+        progress: bool = False,
+    ) -> Iterator[tuple[Photo, Prediction]]:
+        """(photo, prediction) per query, in order, as batches finish: the photo is the upright
+        image the model saw (downscaled over ``max_pixels``), e.g. to draw the prediction on.
+
+        The queries are checked at once (counts, texts, paths); images are decoded while the
+        model runs, by ``workers`` threads, and at most ``batch_size + workers`` are held."""
+        sources, text_list = self._pairs(images, texts)
+        return self._stream(sources, text_list, progress)
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _pairs(self, images: Any, texts: Any) -> tuple[list[ImageSource], list[str]]:
+        if isinstance(texts, str):
+            text_list = [texts]
+        elif isinstance(texts, Iterable):
+            text_list = list(texts)
+        else:
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        if _is_single_image(images):
+            sources = [images] * len(text_list)  # one image, several texts: decoded once (same object)
+        elif isinstance(images, Iterable):
+            sources = list(images)
+            if len(sources) == 1 and len(text_list) > 1:
+                sources = sources * len(text_list)
+        else:
+            raise TypeError(
+                f"images must be a path, a PIL image, a numpy array or a list of them, got {type(images).__name__}"
             )
-            for img in images
-        ]
+        if len(sources) != len(text_list):
+            raise ValueError(
+                f"{len(sources)} images but {len(text_list)} texts: give one text per image, or one image "
+                "with several texts (to ask the same in every image, repeat the text: [text] * len(images))"
+            )
+        for i, (src, text) in enumerate(zip(sources, text_list)):
+            where = _name(src)
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"query {i} ({where}): the expression must be a str, got {type(text).__name__}"
+                )
+            if not text.strip():
+                raise ValueError(
+                    f"query {i} ({where}): the expression {text!r} is empty; give the words that describe the "
+                    "object to find"
+                )
+            if isinstance(src, (str, Path)) and not Path(src).expanduser().exists():
+                raise FileNotFoundError(f"query {i}: image not found: {src}")
+        return sources, text_list
+
+    # -- running ----------------------------------------------------------------------------------
+    def _prepare(self, index: int, source: ImageSource) -> _Prepared:
+        """Decode and letterbox one image (runs in the worker threads)."""
+        try:
+            photo = self.load_photo(source)
+        except (FileNotFoundError, ImageError, TypeError) as e:
+            raise type(e)(f"query {index}: {e}") from e
+        w, h = photo.image.size
+        _, rw, rh = long_side_size(w, h, self.img_size)
+        if rw < 1 or rh < 1:  # the official resize would ask Pillow for a 0-pixel side
+            raise ImageError(
+                f"query {index}: {photo.name} is {w}x{h}, too thin for the model's {self.img_size}x{self.img_size} "
+                "letterbox (its short side would be 0 pixels); crop or pad it first"
+            )
+        # no ground truth: an empty box and mask ride along through the transform
+        no_mask = ObjMask(rows=np.zeros(h, bool), cols=np.zeros(w, bool))
+        return _Prepared(photo, eval_transform(photo.image, np.zeros(4, np.float32), no_mask, self.img_size))
+
+    def _stream(
+        self, sources: list[ImageSource], texts: list[str], progress: bool
+    ) -> Iterator[tuple[Photo, Prediction]]:
+        n = len(texts)
+        decoded = _decode_ahead(self._prepare, sources, self.workers, self.batch_size + self.workers)
+        with _progress_bar(progress, n) as advance:
+            try:
+                for start in range(0, n, self.batch_size):
+                    items = [next(decoded) for _ in range(min(self.batch_size, n - start))]
+                    preds = self._forward(items, texts[start : start + len(items)], start)
+                    advance(len(items))
+                    yield from ((it.photo, p) for it, p in zip(items, preds))
+            finally:
+                decoded.close()  # stops the pool even when the caller stops early
+
+    @torch.inference_mode()
+    def _forward(self, items: Sequence[_Prepared], texts: Sequence[str], first: int) -> list[Prediction]:
+        size = self.img_size
         # the batch assembly of training and evaluation (normalise, letterbox, tokenise)
         batch = self.collate(
             [
-                {"result": r, "text_ids": None, "index": k, "phrase": t, "image_file": ""}
-                for k, (r, t) in enumerate(zip(results, texts))
+                {"result": it.sample, "text_ids": None, "index": first + k, "phrase": t, "image_file": ""}
+                for k, (it, t) in enumerate(zip(items, texts))
             ]
         )
         pad = batch["text_padding_mask"].to(self.device) if batch["text_padded"] else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(batch["image"].to(self.device), batch["text_ids"].to(self.device), pad)
-        letterbox, orig_size = batch["letterbox"], batch["orig_size"].float()
+        letterbox, frame = batch["letterbox"], batch["orig_size"]
         boxes = box_convert(out["pred_box"].float().cpu(), "cxcywh", "xyxy") * size
-        boxes = letterbox_to_original(boxes, letterbox, orig_size)
-        masks = None
-        if "seg_mask" in out:
-            canvas = (max(img.height for img in images), max(img.width for img in images))
-            masks = res_pred_mask_original(out["seg_mask"].float().cpu(), letterbox, orig_size, size, canvas)
-        return [
-            Prediction(
-                text=t,
-                box_xyxy=boxes[k].numpy(),
-                image_size=(img.width, img.height),
-                mask=None if masks is None else masks[k, : img.height, : img.width].numpy(),
+        boxes = letterbox_to_original(boxes, letterbox, frame.float())  # in photo.image pixels
+        seg = out["seg_mask"].float().cpu() if "seg_mask" in out else None
+        preds = []
+        for k, (it, text) in enumerate(zip(items, texts)):
+            photo = it.photo
+            mask = None
+            if seg is not None:  # one sample at a time: a batch canvas of large photos is too big
+                h, w = photo.image.height, photo.image.width
+                m = res_pred_mask_original(
+                    seg[k : k + 1], letterbox[k : k + 1], frame[k : k + 1], size, (h, w)
+                )
+                mask = photo.mask_to_original(m[0].numpy())
+            preds.append(
+                Prediction(
+                    text=text,
+                    box_xyxy=photo.box_to_original(boxes[k].numpy()).astype(np.float32),
+                    image_size=photo.original_size,
+                    mask=mask,
+                    image=photo.name,
+                )
             )
-            for k, (img, t) in enumerate(zip(images, texts))
-        ]
+        return preds
+
+
+def check_options(
+    device: str | torch.device,
+    precision: str,
+    batch_size: int,
+    workers: int | None,
+    photo_options: dict[str, Any],
+) -> tuple[torch.device, int]:
+    """Refuse bad settings before any weight is read; returns the device and the worker count."""
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"precision must be 'auto' or 'fp32', got {precision!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(
+            f"workers must be an integer >= 0 (0: decode in the calling thread), got {workers!r}"
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} but torch sees no CUDA GPU here; use device='auto' or 'cpu'"
+        )
+    load_photo(np.zeros((1, 1, 3), np.uint8), **photo_options)  # the photo settings, checked now
+    return device, workers
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load(
+    path: str | os.PathLike,
+    *,
+    size: str | None = None,
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
+    max_query_len: int | None = None,
+    source_format: str | None = None,
+    config: OneRefConfig | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    batch_size: int = 16,
+    workers: int | None = None,
+    exif_orientation: bool = True,
+    background: tuple[int, int, int] | str | None = DEFAULT_BACKGROUND,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    hard_max_pixels: int | None = DEFAULT_HARD_MAX_PIXELS,
+) -> Predictor:
+    """A ready :class:`Predictor` for any checkpoint the CLI takes, on the GPU when there is one.
+
+    ``path``: one of our Lightning ``.ckpt`` files (they carry their architecture and embed their
+    tokenizer), a checkpoint folder (config.yaml + weights + tokenizer), or an official OneRef /
+    MRefM ``.pth`` (``tokenizer`` required: ``beit3.spm``).
+
+    ``size`` (tiny, base, large): checked against the checkpoint; the architecture of an official
+    file is read off its shapes (size, image size, seg head), as ``python -m oneref.convert
+    official`` does, so it may be left out. ``tokenizer``: a sentencepiece file or a
+    :class:`Tokenizer`, replacing the checkpoint's own. ``max_query_len``: tokens per expression,
+    bos and eos included (default: the checkpoint's, 64 for official files); longer expressions
+    are truncated with one warning, as in training. ``source_format``: ``folder``, ``lightning``,
+    ``official`` or ``mrefm`` (default: a folder is a folder, a Lightning file is Lightning, any
+    other file is official). ``config``: the architecture to build instead of the checkpoint's
+    (what the CLI composes for official files). The other arguments go to :class:`Predictor`.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}; {SOURCES_HELP}")
+    if source_format == "beit3":
+        raise CheckpointError(
+            f"{path}: a BEiT-3 pretrained checkpoint has no trained grounding head, so it cannot predict; "
+            "fine-tune it first (python -m oneref.train init_from=... init_format=beit3)"
+        )
+    if source_format not in (None, *PREDICT_FORMATS):
+        raise CheckpointError(f"unknown source_format {source_format!r}; choose one of {PREDICT_FORMATS}")
+    if max_query_len is not None and (isinstance(max_query_len, bool) or not isinstance(max_query_len, int)):
+        raise ValueError(f"max_query_len must be an integer, got {max_query_len!r}")
+    if size is not None and size not in SIZES:
+        raise CheckpointError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    photo_options = dict(
+        exif_orientation=exif_orientation,
+        background=background,
+        max_pixels=max_pixels,
+        hard_max_pixels=hard_max_pixels,
+    )
+    check_options(device, precision, batch_size, workers, photo_options)
+
+    if path.is_dir() or source_format == "folder":
+        folder = read_folder(path)
+        if tokenizer is None and folder.tokenizer is None:
+            raise CheckpointError(
+                f"checkpoint folder {path} has no tokenizer: pass tokenizer=PATH to oneref.load, or {TOKENIZER_HELP}"
+            )
+        tok = _tokenizer(
+            tokenizer or folder.tokenizer,
+            max_query_len or int(folder.preprocessing.get("max_query_len", DEFAULT_MAX_QUERY_LEN)),
+        )
+        fmt = "folder"
+    else:
+        obj = load_checkpoint_file(path, mmap=True)  # refuses a truncated or unsafe file by name
+        if is_lightning_checkpoint(obj) and source_format in (None, "lightning"):
+            fmt = "lightning"
+            entry = obj.get("tokenizer")
+            if tokenizer is not None:
+                tok = _tokenizer(tokenizer, max_query_len or _entry_len(entry))
+            elif entry:
+                tok = Tokenizer.from_serialized(
+                    entry["model"], max_query_len or _entry_len(entry), name=f"{path} (embedded tokenizer)"
+                )
+            else:
+                raise CheckpointError(
+                    f"{path} embeds no tokenizer (it was saved without a DataModule): pass tokenizer=PATH, the "
+                    "sentencepiece model it was trained with"
+                )
+        else:
+            fmt = source_format or "official"
+            if tokenizer is None:
+                raise CheckpointError(
+                    f"{path} is an official checkpoint, which carries no tokenizer: pass tokenizer='beit3.spm' "
+                    "(oneref.load) or tokenizer=PATH (python -m oneref.predict). beit3.spm is published with "
+                    "BEiT-3 (microsoft/unilm, beit3/README.md, 'Text Tokenizer')"
+                )
+            tok = _tokenizer(tokenizer, max_query_len or DEFAULT_MAX_QUERY_LEN)
+            if config is None:
+                arch = infer_architecture(extract_state_dict(obj, source=str(path)).state_dict)
+                config = infer_config(arch, task="rec" if fmt == "mrefm" else None)
+        del obj
+    if config is not None or fmt == "folder":  # checked before the weights are read
+        _check_size(size, config or folder.cfg, path)
+    model, _ = load_model(path, config, fmt)
+    _check_size(size, model.cfg, path)
+    predictor = Predictor(
+        model,
+        tok,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        **photo_options,
+    )
+    predictor.source = str(path)
+    log.info("loaded %r", predictor)
+    return predictor
+
+
+def _entry_len(entry: Any) -> int:
+    return int(entry["max_query_len"]) if entry else DEFAULT_MAX_QUERY_LEN
+
+
+def _tokenizer(tokenizer: str | os.PathLike | Tokenizer, max_query_len: int) -> Tokenizer:
+    if isinstance(tokenizer, Tokenizer):
+        if tokenizer.max_query_len == max_query_len:
+            return tokenizer
+        return Tokenizer.from_serialized(tokenizer.serialized(), max_query_len, name=tokenizer.model_path)
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(
+            f"tokenizer must be a path to a sentencepiece model or a Tokenizer, got {type(tokenizer).__name__}"
+        )
+    return Tokenizer(Path(tokenizer).expanduser(), max_query_len)
+
+
+def _check_size(size: str | None, cfg: OneRefConfig, path: Path) -> None:
+    if size is None:
+        return
+    want = SIZES[size]
+    if (want["embed_dim"], want["depth"], want["ffn_dim"]) != (cfg.embed_dim, cfg.depth, cfg.ffn_dim):
+        raise CheckpointError(
+            f"size={size!r} was given but {path} holds a model {cfg.embed_dim} wide with {cfg.depth} layers "
+            f"(FFN {cfg.ffn_dim}); drop size or fix it"
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _is_single_image(images: Any) -> bool:
+    return isinstance(images, (str, Path, Image.Image, np.ndarray))
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<PIL image>"
+    return "<array>" if isinstance(source, np.ndarray) else type(source).__name__
+
+
+def _source_key(source: Any) -> Any:
+    """What makes two queries' images the same: the path, or the very object."""
+    if isinstance(source, (str, Path)):
+        return ("path", str(Path(source).expanduser()))
+    return ("object", id(source))
+
+
+def _decode_ahead(
+    prepare: Callable[[int, ImageSource], _Prepared], sources: Sequence[ImageSource], workers: int, ahead: int
+) -> Iterator[_Prepared]:
+    """``prepare(i, source)`` for every source, in order, up to ``ahead`` queries in advance on
+    ``workers`` threads. An image repeated within that window (one image, several texts; a JSONL
+    file that lists one photo several times in a row) is decoded once."""
+    if workers == 0:
+        last_key, last = None, None
+        for i, src in enumerate(sources):
+            key = _source_key(src)
+            if key != last_key:
+                last_key, last = key, prepare(i, src)
+            yield last
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="oneref-decode")
+    window: OrderedDict[Any, Future] = OrderedDict()
+    pending: deque[Future] = deque()
+    todo = iter(enumerate(sources))
+
+    def submit_next() -> None:
+        nxt = next(todo, None)
+        if nxt is None:
+            return
+        i, src = nxt
+        key = _source_key(src)
+        fut = window.get(key)
+        if fut is None:
+            fut = window[key] = pool.submit(prepare, i, src)
+            if len(window) > ahead:
+                window.popitem(last=False)
+        else:
+            window.move_to_end(key)
+        pending.append(fut)
+
+    try:
+        for _ in range(ahead):
+            submit_next()
+        while pending:
+            fut = pending.popleft()
+            submit_next()
+            yield fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} queries/s" if task.speed else "", style="progress.data.speed")
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """``advance(n)`` of a rich progress bar with queries/s, on a terminal only (never in logs
+    or pipes)."""
+    console = Console(stderr=True)
+    if not (enabled and total and console.is_terminal):
+        yield lambda n: None
+        return
+    columns = (
+        TextColumn("predicting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("predicting", total=total)
+        yield lambda n: bar.advance(task, n)
