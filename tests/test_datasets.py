@@ -153,7 +153,7 @@ def test_datamodule_reads_every_format(fake_root: dict[str, Path], dataset: str)
     train = next(iter(dm.train_dataloader()))
     assert set(train) == {
         "image", "image_mask", "text_ids", "text_padding_mask", "text_padded", "box", "obj_mask", "index",
-        "orig_size", "letterbox", "orig_box", "phrase", "image_file",
+        "valid", "orig_size", "letterbox", "orig_box", "phrase", "image_file",
     }  # fmt: skip
     assert train["text_padded"] == bool(train["text_padding_mask"].any())
     assert train["image"].shape == (2, 3, 64, 64) and train["image"].dtype == torch.float32

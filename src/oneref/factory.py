@@ -24,6 +24,7 @@ from oneref.data.tokenizer import Tokenizer
 from oneref.distributed import SyncBatchNormAnyBackend
 from oneref.predictor import Predictor
 from oneref.tasks.grounding import GroundingModule
+from oneref.tasks.mrefm import MRefMModule
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return hydra.utils.instantiate(cfg.data, _convert_="all")
 
 
-def build_module(cfg: DictConfig) -> GroundingModule:
-    """The LightningModule of ``cfg.task``, around the one OneRef model."""
-    return GroundingModule(
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The LightningModule of ``cfg.task`` (REC/RES transfer or MRefM pretraining), around the one
+    OneRef model."""
+    kind = MRefMModule if cfg.task.name == "mrefm" else GroundingModule
+    return kind(
         model=to_container(cfg.model),
         task=to_container(cfg.task),
         optim=to_container(cfg.optim),
@@ -64,6 +67,8 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
     if not loggers:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
+    if cfg.task.get("find_unused_parameters"):
+        strategy = _find_unused(strategy, trainer_cfg)
     if isinstance(strategy, FSDPStrategy) and not (
         torch.cuda.is_available() and trainer_cfg.get("accelerator") in ("auto", "gpu", "cuda")
     ):
@@ -78,6 +83,25 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
     return L.Trainer(
         **trainer_cfg, callbacks=callbacks, logger=loggers or False, strategy=strategy, plugins=plugins
     )
+
+
+def _find_unused(strategy: Any, trainer_cfg: dict[str, Any]) -> Any:
+    """DDP for a task whose steps leave some parameters without gradients (MRefM: the heads of the
+    other step kind); their gradients stay None, so the optimizer skips them, as officially."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(strategy, DDPStrategy):
+        if not strategy._ddp_kwargs.get("find_unused_parameters"):
+            log.info("find_unused_parameters=True for this task (steps use different heads)")
+        strategy._ddp_kwargs["find_unused_parameters"] = True
+        return strategy
+    if strategy == "auto":
+        from oneref.distributed import num_devices
+
+        processes = num_devices(trainer_cfg) * int(trainer_cfg.get("num_nodes") or 1)
+        if processes > 1:
+            return DDPStrategy(find_unused_parameters=True)
+    return strategy
 
 
 def init_weights(module: GroundingModule, source: str, source_format: str | None) -> None:

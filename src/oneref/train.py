@@ -53,13 +53,13 @@ def export_path(dest: str | Path) -> Path:
     return dest
 
 
-def export_best(ckpt: str, dest: Path) -> None:
-    """Copy the best checkpoint to a stable path that a later stage's ``init_from`` names."""
+def export_best(ckpt: str | Path, dest: Path) -> None:
+    """Copy a checkpoint to a stable path that a later stage's ``init_from`` names."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     shutil.copyfile(ckpt, tmp)
     tmp.replace(dest)
-    log.info("best checkpoint exported to %s", dest)
+    log.info("%s exported to %s", Path(ckpt).name, dest)
 
 
 def best_checkpoint(trainer: L.Trainer) -> str | None:
@@ -94,8 +94,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         ckpt = best_checkpoint(trainer)
-        if ckpt and cfg.get("export_best") and trainer.is_global_zero:
-            export_best(ckpt, export_path(cfg.export_best))
+        if trainer.is_global_zero:
+            if ckpt and cfg.get("export_best"):
+                export_best(ckpt, export_path(cfg.export_best))
+            last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+            if cfg.get("export_last") and last.is_file():  # pretraining: the next stage starts from it
+                export_best(last, export_path(cfg.export_last))
         if cfg.get("test", True):
             if cfg.get("train", True) and ckpt is None:
                 log.warning("no best checkpoint was saved; testing the weights in memory")

@@ -216,13 +216,19 @@ def read_weights(
         if cfg is None and isinstance(arch, Mapping):
             cfg = OneRefConfig(**arch)
         cfg = cfg or infer_config(infer_architecture(raw))
-        sd, conv = convert_state_dict(raw, cfg, resize_positions=resize_positions, source=str(source))
+        # One of our MRefM pretraining checkpoints into a REC/RES model: its MIM/MLM heads are
+        # dropped and listed, and a seg head it never had starts from initialisation (as "mrefm").
+        pretraining = {key_group(k) for k in raw} & {"mim", "mlm"}
+        src_fmt = "mrefm" if pretraining - built_groups(cfg) else "official"
+        sd, conv = convert_state_dict(
+            raw, cfg, src_fmt, resize_positions=resize_positions, source=str(source)
+        )
         conv.source_format, conv.dropped, conv.renamed = (
-            "lightning",
+            "lightning" if src_fmt == "official" else "lightning (MRefM pretraining)",
             {**report.dropped, **conv.dropped},
             report.renamed,
         )
-        return sd, cfg, conv, fmt
+        return sd, cfg, conv, "lightning" if src_fmt == "official" else "mrefm"
     if lightning:
         raise CheckpointError(
             f"{source} is a Lightning checkpoint, not format {fmt!r}; use source_format='lightning'"

@@ -51,9 +51,11 @@ def checkpoint_step(path: str | Path) -> tuple[int, int]:
 
 
 def newest_intact_checkpoint(*folders: str | Path) -> Path | None:
-    """The checkpoint with the highest global step among the ``*.ckpt`` files of ``folders``
-    (newest file first on ties); files that do not load are skipped with a warning naming them."""
-    best: tuple[tuple[int, float], Path] | None = None
+    """The checkpoint with the highest global step among the ``*.ckpt`` files of ``folders``;
+    files that do not load are skipped with a warning naming them. On a tie the step checkpoint
+    wins (``step*.ckpt``: a run stopped by max_steps or max_time mid-epoch also writes
+    ``last.ckpt``, which Lightning then takes for an epoch end), then the newest file."""
+    best: tuple[tuple[int, bool, float], Path] | None = None
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
@@ -64,7 +66,7 @@ def newest_intact_checkpoint(*folders: str | Path) -> Path | None:
             except CheckpointError as e:
                 log.warning("not resuming from %s: %s", path, e)
                 continue
-            key = (step, path.stat().st_mtime)
+            key = (step, path.stem.startswith("step"), path.stat().st_mtime)
             if best is None or key > best[0]:
                 best = (key, path)
     return None if best is None else best[1]

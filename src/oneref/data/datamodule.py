@@ -278,11 +278,12 @@ class RefDataModule(L.LightningDataModule):
         return ensure_synthetic(self.data_root, self.synthetic)
 
     def prepare_data(self) -> None:
-        """Generates the synthetic dataset if it is missing; with MRefM, parses the training
-        phrases into the anchor cache if not cached yet (rank 0)."""
+        """Generates the synthetic dataset if it is missing; with MRefM, parses the training and
+        validation phrases into the anchor cache if not cached yet (rank 0)."""
         self._ensure_synthetic()
         if self.mrefm.enabled:
-            self._anchor_cache_files()
+            for split in self._mrefm_splits():
+                self._anchor_cache_files(split)
 
     # --- MRefM anchors ------------------------------------------------------------------------------
     @property
@@ -302,8 +303,12 @@ class RefDataModule(L.LightningDataModule):
             return Path(self.mrefm.cache_dir).expanduser()
         return Path(os.environ.get("ONEREF_CACHE", ".cache")).expanduser() / "anchors"
 
-    def _anchor_cache_files(self) -> list[Path]:
-        """One cache file per training split file, parsed here when missing."""
+    def _mrefm_splits(self) -> list[str]:
+        """Splits that carry the MRefM fields: training, and validation (MIM/MLM loss and accuracy)."""
+        return list(dict.fromkeys([self.train_split, *self.val_split_names]))
+
+    def _anchor_cache_files(self, split: str) -> list[Path]:
+        """One cache file per split file of ``split``, parsed here when missing."""
         parser = self.anchor_parser
         if parser.backend == "rules" and not self._warned_rules:
             self._warned_rules = True
@@ -312,11 +317,9 @@ class RefDataModule(L.LightningDataModule):
                 "fallback; its subjects/objects differ from the official en_core_web_md parses"
             )
         paths = []
-        for f in split_files(self.resolved_split_root, self.dataset, self.train_split):
+        for f in split_files(self.resolved_split_root, self.dataset, split):
             if not f.is_file():  # the same error as the dataset's, before any parsing
-                load_records(
-                    self.resolved_split_root, self.dataset, self.train_split, data_root=self.data_root
-                )
+                load_records(self.resolved_split_root, self.dataset, split, data_root=self.data_root)
             paths.append(
                 ensure_anchor_cache(
                     self.anchor_cache_dir, f, parser, read_phrases=lambda f=f: self._split_phrases(f)
@@ -333,9 +336,9 @@ class RefDataModule(L.LightningDataModule):
                 continue
         return phrases
 
-    def train_anchors(self) -> dict[str, Anchors]:
-        """phrase -> Anchors of the training split (parsed first if not cached)."""
-        return merge_anchor_maps(read_anchor_cache(p) for p in self._anchor_cache_files())
+    def split_anchors(self, split: str) -> dict[str, Anchors]:
+        """phrase -> Anchors of a split (parsed first if not cached)."""
+        return merge_anchor_maps(read_anchor_cache(p) for p in self._anchor_cache_files(split))
 
     @property
     def resolved_split_root(self) -> Path:
@@ -359,7 +362,7 @@ class RefDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def _make(self, split: str, train: bool) -> RefDataset:
-        mrefm = train and self.mrefm.enabled
+        mrefm = self.mrefm.enabled and (train or split in self.val_split_names)
         return RefDataset(
             self.dataset,
             split,
@@ -376,7 +379,7 @@ class RefDataModule(L.LightningDataModule):
             cache_samples=self.cache_samples,
             orig_masks=self.orig_masks,  # the dataset applies it to evaluation splits only
             mrefm=self.mrefm if mrefm else None,
-            anchors=self.train_anchors() if mrefm else None,
+            anchors=self.split_anchors(split) if mrefm else None,
         )
 
     def setup(self, stage: str | None = None) -> None:

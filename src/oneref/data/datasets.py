@@ -8,7 +8,7 @@ tokenised and checked here; it stays compact (the resized uint8 image and its pl
     box float32 (B,4) cxcywh normalised, obj_mask bool (B,1,S,S), index int64 (B,), orig_size int64 (B,2),
     letterbox float32 (B,3) (ratio, left, top), orig_box float32 (B,4) x1y1x2y2, phrase, image_file
 
-With MRefM on (``data.mrefm.enabled``, training splits only) the batch also holds the fields of
+With MRefM on (``data.mrefm.enabled``; training and validation splits) the batch also holds the fields of
 `oneref.data.mrefm.collate_mrefm` and ``vqkd_image`` uint8 (B,3,S,S), the same letterbox before
 normalisation with black padding (``vqkd_image.float() / 255`` is the official VQ-KD input).
 """
@@ -88,8 +88,8 @@ class RefDataset(Dataset):
             (main or loader worker) holds its own cache.
         orig_masks: also return the object mask at the image's own size (``orig_mask``, bool (h, w)),
             for RES metrics at the original resolution. Evaluation only.
-        mrefm: MRefM fields (`oneref.data.mrefm`); used by training splits when enabled, which then
-            need `tokenizer` and `anchors`.
+        mrefm: MRefM fields (`oneref.data.mrefm`) when enabled, which then need `tokenizer` and
+            `anchors`; an evaluation split draws them with epoch 0 (the same masks every time).
         anchors: phrase -> subject/object words (`oneref.data.anchors`), for MRefM.
     """
 
@@ -134,7 +134,7 @@ class RefDataset(Dataset):
         self.train = bool(train)
         self.augment = AugmentConfig.from_any(augment)
         self.mrefm = MRefMConfig.from_any(mrefm) if mrefm is not None else None
-        use_mrefm = self.train and self.mrefm is not None and self.mrefm.enabled
+        use_mrefm = self.mrefm is not None and self.mrefm.enabled
         num_scales = MIM_NUM_SCALES if use_mrefm and self.mrefm.mim_scales else 7
         self.transform = TrainTransform(self.img_size, self.augment, num_scales) if self.train else None
         self.cache_samples = bool(cache_samples)

@@ -41,7 +41,7 @@ MIM_NUM_SCALES = 6  # official DataAugmentationForMIM: long sides S, S-32, ..., 
 
 @dataclass(frozen=True)
 class MRefMConfig:
-    """``data.mrefm``: the MRefM batch fields (off by default; training splits only).
+    """``data.mrefm``: the MRefM batch fields (off by default; training and validation splits).
 
     Official values: ``mim_mask_ratio`` 0.35 (``--mim_mask_ratio``), ``dynamic_mask_ratio`` 0.75
     (``--dynamic_mask_ratio``), ``text_mask_prob`` 0.4 (``--text_mask_prob``), spaCy

@@ -212,6 +212,14 @@ class OneRef(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.beit3.set_grad_checkpointing(enable)
 
+    def compile_layers(self) -> None:
+        """``torch.compile`` each encoder layer in place (once): the state-dict keys stay the
+        official ones, and FSDP and activation checkpointing still see the layer modules."""
+        if not getattr(self, "_layers_compiled", False):
+            for layer in self.beit3.encoder.layers:
+                layer.compile()
+            self._layers_compiled = True
+
     # -- forward -----------------------------------------------------------------------------
     def forward_seg(self, patch_tokens: Tensor, language_cls: Tensor) -> Tensor:
         b, n, d = patch_tokens.shape

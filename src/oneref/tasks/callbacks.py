@@ -1,7 +1,8 @@
 """Lightning callbacks for the grounding tasks: a panel of validation predictions.
 
 ``ValidationImages`` draws, every N epochs, the first K samples of the first validation batch with
-the ground truth (green) and the prediction (red): boxes for REC, masks for RES. The panel goes to
+the ground truth (green) and the prediction (red): boxes for REC, masks for RES; for MRefM
+pretraining the masked patches and, in the captions, the MIM accuracy and the MLM fills. The panel goes to
 every image-capable logger (W&B ``log_image``, TensorBoard ``add_image``); a run with neither (for
 example CSV only) gets PNG files under ``<run folder>/val_images/``. The cost is one extra forward
 of K samples every N epochs; drawing is PIL/numpy on K small images.
@@ -25,6 +26,10 @@ from oneref.drawing import MIN_TILE, denormalise, draw_sample, enlarge, make_gri
 from oneref.tasks.metrics import res_pred_mask
 
 log = logging.getLogger(__name__)
+
+
+def _is_mrefm(pl_module: L.LightningModule) -> bool:
+    return hasattr(pl_module, "step_kind")
 
 
 class ValidationImages(L.Callback):
@@ -83,9 +88,15 @@ class ValidationImages(L.Callback):
         sub = {key: v[:k] if isinstance(v, (Tensor, list)) else v for key, v in batch.items()}
         # Every rank runs the forward (sharded strategies gather weights in it); rank 0 draws.
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            out = pl_module(sub)
+            out = self._forward(trainer, pl_module, sub)
         if trainer.is_global_zero:
+            sub["tokenizer"] = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
             self._log_panel(trainer, pl_module, sub, out)
+
+    def _forward(self, trainer: L.Trainer, pl_module: L.LightningModule, sub: dict[str, Any]) -> Any:
+        if _is_mrefm(pl_module):  # both step kinds of MRefM pretraining
+            return tuple(pl_module(sub, kind) for kind in ("mim", "mlm"))
+        return pl_module(sub)
 
     # -- drawing and logging -------------------------------------------------------------------
     def draw(
@@ -115,7 +126,10 @@ class ValidationImages(L.Callback):
     def _log_panel(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any], out: dict[str, Tensor]
     ) -> None:
-        tiles, phrases = self.draw(batch, out, bool(getattr(pl_module, "is_res", "seg_mask" in out)))
+        if _is_mrefm(pl_module):
+            tiles, phrases = _MRefMDrawing.draw(batch, out)
+        else:
+            tiles, phrases = self.draw(batch, out, bool(getattr(pl_module, "is_res", "seg_mask" in out)))
         step = trainer.global_step
         grid = make_grid(tiles, self.columns)
         taken = False
@@ -146,3 +160,62 @@ class BadSampleReport(L.Callback):
         counts = {f"data/skipped/{r['dataset']}": float(r["skipped"]) for r in dm.bad_sample_report()}
         if counts:
             pl_module.log_dict(counts, reduce_fx="sum", sync_dist=True)
+
+
+class _MRefMDrawing:
+    """The MRefM panel of :class:`ValidationImages`: each sample with its masked patches tinted
+    and, in the caption, its MIM accuracy and the masked expression with the model's fills
+    (``[label>prediction]`` at each masked position)."""
+
+    @classmethod
+    def draw(cls, batch: dict[str, Any], out: Any) -> tuple[list[np.ndarray], list[str]]:
+        (mim, mim_t), (mlm, mlm_t) = out
+        images = denormalise(batch["image"])
+        size = images.shape[1]
+        grid = int(round(batch["mim_mask"].shape[1] ** 0.5))
+        patch = size // grid
+        masked = batch["mim_mask"].view(-1, grid, grid).cpu().numpy()
+        masked = masked.repeat(patch, axis=1).repeat(patch, axis=2)
+        hits = (mim["mim_logits"].argmax(-1) == mim_t["mim_codes"]) & mim_t["mim_mask"]
+        counts = mim_t["mim_mask"].sum(1).clamp_min(1)
+        mim_acc = (hits.sum(1).float() / counts).cpu().tolist()
+        fills = cls._fills(batch, mlm, mlm_t)
+        zoom = max(1, -(-MIN_TILE // size))
+        images, masked = enlarge(images, zoom), enlarge(masked, zoom)
+        tiles, captions = [], []
+        for k, img in enumerate(images):
+            captions.append(f"MIM acc {mim_acc[k]:.2f} | {fills[k]}")
+            tiles.append(draw_sample(img, f"MIM acc {mim_acc[k]:.2f}", pred_mask=masked[k]))
+        return tiles, captions
+
+    @staticmethod
+    def _fills(batch: dict[str, Any], mlm: dict[str, Tensor], targets: dict[str, Tensor]) -> list[str]:
+        """The masked expression per sample, each masked piece as [label>prediction]."""
+        tokenizer = batch.get("tokenizer")
+        pred = mlm["mlm_logits"].argmax(-1).cpu()
+        positions, valid = batch["mlm_positions"].cpu(), batch["mlm_valid"].cpu()
+        labels = targets["mlm_labels"].cpu()
+        out = []
+
+        def piece(t: int) -> str:  # the MLM head also covers table rows no piece maps to
+            return (
+                tokenizer.id_to_piece(t) if tokenizer is not None and t < tokenizer.vocab_size else f"<{t}>"
+            )
+
+        for b, ids in enumerate(batch["text_ids"].cpu().tolist()):
+            show = {
+                int(p): (int(labels[b, j]), int(pred[b, j]))
+                for j, p in enumerate(positions[b])
+                if valid[b, j]
+            }
+            words = []
+            for i, tok in enumerate(ids):
+                if tok == 1:  # padding
+                    break
+                if i in show:
+                    label, guess = show[i]
+                    words.append(f"[{piece(label)}>{piece(guess)}]")
+                elif i > 0 and tok != 2:
+                    words.append(piece(tok))
+            out.append(" ".join(words).replace("▁", ""))
+        return out

@@ -31,6 +31,18 @@ def build_model(model: dict[str, Any], seg_head: bool = False, **extra: Any) -> 
     return OneRef(model_config(model["size"], seg_head=seg_head, **arch, **extra))
 
 
+def embed_tokenizer(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Put the training tokenizer into a checkpoint (a sentencepiece model is ~1 MB), so that
+    evaluating or predicting from the file needs nothing else (oneref.factory.resolve_tokenizer)."""
+    tokenizer = getattr(getattr(module._trainer, "datamodule", None), "tokenizer", None)
+    if tokenizer is not None:
+        checkpoint["tokenizer"] = {
+            "model": tokenizer.serialized(),
+            "max_query_len": tokenizer.max_query_len,
+            "source": tokenizer.model_path,
+        }
+
+
 class GroundingModule(L.LightningModule):
     """REC (box) or RES (mask) transfer.
 
@@ -95,11 +107,8 @@ class GroundingModule(L.LightningModule):
             log.info("%d synchronised BatchNorm layers", sync)
 
     def configure_model(self) -> None:
-        if self.hparams.model.get("compile") and not getattr(self, "_compiled", False):
-            # Compiles in place: state-dict keys stay the official ones.
-            for layer in self.model.beit3.encoder.layers:
-                layer.compile()
-            self._compiled = True
+        if self.hparams.model.get("compile"):
+            self.model.compile_layers()
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -109,15 +118,7 @@ class GroundingModule(L.LightningModule):
             self.test_metrics = nn.ModuleList(self._metric_group() for _ in names)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The tokenizer travels with the weights (a sentencepiece model is ~1 MB), so evaluating or
-        # predicting from this file needs nothing else (oneref.factory.resolve_tokenizer).
-        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
-        if tokenizer is not None:
-            checkpoint["tokenizer"] = {
-                "model": tokenizer.serialized(),
-                "max_query_len": tokenizer.max_query_len,
-                "source": tokenizer.model_path,
-            }
+        embed_tokenizer(self, checkpoint)
 
     def set_original_resolution(self, value: bool) -> None:
         """Metric protocol: False (official) measures in the S x S letterbox, True against the
