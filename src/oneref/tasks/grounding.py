@@ -23,7 +23,7 @@ from oneref.tasks.optim import configure_optimizers
 log = logging.getLogger(__name__)
 
 # Keys of the model config that configure training, not the architecture.
-_RUNTIME_MODEL_KEYS = ("size", "compile", "grad_checkpointing")
+_RUNTIME_MODEL_KEYS = ("size", "compile", "compile_mode", "grad_checkpointing", "attention")
 
 
 def build_model(model: dict[str, Any], seg_head: bool = False, **extra: Any) -> OneRef:
@@ -65,6 +65,7 @@ class GroundingModule(L.LightningModule):
         self.hparams["architecture"] = self.model.cfg.to_dict()
         if model.get("grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
+        self.model.beit3.set_attention(model.get("attention") or "sdpa")
         losses = dict(task.get("losses", {}))
         self.criterion = GroundingCriterion(
             similarity_temperature=self.model.cfg.similarity_temperature, **losses
@@ -89,9 +90,10 @@ class GroundingModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.model.get("compile") and not getattr(self, "_compiled", False):
-            # Compiles in place: state-dict keys stay the official ones.
-            for layer in self.model.beit3.encoder.layers:
-                layer.compile()
+            # In place, so state-dict keys stay the official ones. Runs before the strategy wraps
+            # the model: compile each block, then activation checkpointing, then DDP/FSDP.
+            mode = self.hparams.model.get("compile_mode")
+            self.model.beit3.compile_layers(mode=None if mode in (None, "default") else mode)
             self._compiled = True
 
     def setup(self, stage: str) -> None:
