@@ -667,6 +667,7 @@ def run_step_bench(args: argparse.Namespace, bench: str) -> list[dict[str, Any]]
     peak = peak_flops(0) if cuda else None
     total = args.warmup + args.steps
     rows: list[dict[str, Any]] = []
+    flop_models: dict[tuple, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             for task in tasks:
@@ -746,7 +747,10 @@ def run_step_bench(args: argparse.Namespace, bench: str) -> list[dict[str, Any]]
                             raise RuntimeError(f"{bench}: fewer than {total} batches ran; nothing timed")
                         ms = sorted(timer.step_ms())
                         samples = sum(s for s, _ in timer.batch_shapes)
-                        flops = FlopModel(mcfg)
+                        key = (size, task, mcfg.img_size)
+                        if key not in flop_models:
+                            flop_models[key] = FlopModel(mcfg)
+                        flops = flop_models[key]
                         fwd = sum(s * flops(n) for s, n in timer.batch_shapes) / samples
                         factor = 1 if bench == "infer" else TRAIN_FLOPS_FACTOR
                         sps = samples / timer.wall

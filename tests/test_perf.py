@@ -189,20 +189,6 @@ def test_text_buckets_change_no_output_of_the_real_tokens() -> None:
     )
 
 
-def test_collate_pads_to_a_bucket() -> None:
-    samples = [
-        {"text_ids": torch.tensor([0, 7, 2]).numpy(), "result": None},
-        {"text_ids": torch.tensor([0, 7, 8, 9, 2]).numpy(), "result": None},
-    ]
-    collate = RefCollate(12, text_buckets=[12, 4, 8])
-    assert collate.text_buckets == (4, 8, 12)
-    from oneref.data.datasets import pad_token_ids
-
-    ids, pad = pad_token_ids([s["text_ids"] for s in samples])
-    ids, pad = pad_to_bucket(ids, pad, collate.text_buckets)
-    assert ids.shape[1] == 8 and pad.sum().item() == 3 + 5
-
-
 @pytest.mark.parametrize(
     ("buckets", "match"),
     [
@@ -214,6 +200,11 @@ def test_collate_pads_to_a_bucket() -> None:
 def test_bad_text_buckets_are_clear_errors(buckets, match) -> None:
     with pytest.raises(ValueError, match=match):
         check_text_buckets(buckets, 64)
+
+
+def test_buckets_are_sorted_and_deduplicated() -> None:
+    assert RefCollate(12, text_buckets=[12, 4, 8, 4]).text_buckets == (4, 8, 12)
+    assert RefCollate(12, text_buckets=None).text_buckets is None
 
 
 def test_buckets_and_pad_to_max_len_together_are_an_error() -> None:
