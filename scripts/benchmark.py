@@ -1,27 +1,43 @@
 """oneref benchmarks: `python scripts/benchmark.py <subcommand> [options]`.
 
-Every subcommand returns rows (dicts) that are logged as a table and written as JSON to `--out`
-(default `bench_<subcommand>.json`). Add a subcommand with the `@subcommand` decorator:
+Every subcommand appends one JSON line per configuration to `--out` (default
+`bench_<subcommand>.jsonl`) and logs a table. Add a subcommand with the `@subcommand` decorator:
 
-    @subcommand("model", "forward/backward throughput")
-    def model_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], list[dict]]:
+    @subcommand("name", "what it measures")
+    def name_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], list[dict]]:
         p.add_argument(...)
-        return run_model_bench
+        return run_name_bench
 
 Subcommands:
+    train  what `python -m oneref.train` runs: the real Hydra config (conf/train.yaml, task, model,
+           optim), `oneref.factory.build_module` / `build_trainer`, and a short `Trainer.fit` on fixed
+           in-memory batches with the layout of `RefCollate`, so the GroundingModule training step
+           with its own optimizer, schedule, freezing and precision is what is timed. A callback
+           times the steps after warm-up (CUDA events; a synchronize only at the ends of the
+           window) and reads `torch.cuda.max_memory_allocated`. `--modes official ours`: the
+           official numerics (fp32, text padded to 64 ids, the math attention kernel, unfused
+           AdamW) are the 1.0x reference; `ours` takes `--precision` (auto: bf16-mixed on CUDA),
+           `--compile`, `--compile-mode`, `--grad-ckpt`, `--attention`, `--text` (64 | realistic |
+           N) and `--text-buckets`.
+    infer  the evaluation step (`Trainer.test`: forward and metrics), same options.
+    mrefm  the MRefM pretraining step (`task=mrefm`, built by the same factory) on batches from the
+           real data pipeline with the MRefM fields (synthetic images); a clear error until
+           `task=mrefm` composes.
     data   training samples/s per loader worker at 384 px on JPEG images (decode, augment, letterbox,
            mask, tokenise, collate), on synthetic 640x480 JPEGs in a temporary folder; also with the
            MRefM fields (`train+mrefm`: VQ-KD image, MIM mask, VTS, text masking).
-    model  REC training steps (forward, loss, backward, AdamW) per second and peak memory, ours
-           (bf16 autocast on CUDA, text padded to the batch's longest, fused attention, fused AdamW,
-           optional compile and activation checkpointing) against the official numerics mode (fp32,
-           text padded to 64, the math attention kernel, unfused AdamW).
-    all    data, then model.
+    all    data, then train.
+
+Rows carry samples/s, ms per step, the forward GFLOPs per sample (FlopCounterMode on a meta copy of
+our model, at each batch's padded text length), model TFLOP/s (3x the forward for training), MFU
+against the device's dense bf16 peak (`oneref.tasks.throughput.PEAK_BF16_FLOPS`: 989 TFLOP/s for
+H100 SXM and H200), peak GiB (CUDA) or max RSS (CPU), device, torch version, git commit, load.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -542,6 +558,7 @@ def add_step_options(p: argparse.ArgumentParser, bench: str) -> None:
     p.add_argument("--batches", type=int, default=4, help="distinct in-memory batches, cycled")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every configuration")
 
 
@@ -651,6 +668,8 @@ def run_step_bench(args: argparse.Namespace, bench: str) -> list[dict[str, Any]]
     from oneref import factory
     from oneref.tasks.throughput import TRAIN_FLOPS_FACTOR, FlopModel, peak_flops
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -663,6 +682,7 @@ def run_step_bench(args: argparse.Namespace, bench: str) -> list[dict[str, Any]]
         "torch": torch.__version__,
         "git_commit": git_commit(),
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_threads": torch.get_num_threads(),
     }
     peak = peak_flops(0) if cuda else None
     total = args.warmup + args.steps
@@ -770,10 +790,12 @@ def run_step_bench(args: argparse.Namespace, bench: str) -> list[dict[str, Any]]
                         if cuda:
                             row["peak_mem_gib"] = timer.peak_gib
                         else:
+                            # the process's peak so far (CPU runs report it for context only)
                             row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                         rows.append({**row, **common})
                         log.info("%s", json.dumps(rows[-1]))
-                        del module, trainer, batches, loader
+                        del module, trainer, batches, loader, timer
+                        gc.collect()  # the next configuration's memory figure starts clean
                         if cuda:
                             torch.cuda.empty_cache()
     ref = {

@@ -39,7 +39,7 @@ def test_benchmark_runs_the_real_step_and_writes_one_json_line_per_configuration
     bench_script, tmp_path: Path, command: str
 ) -> None:
     out = tmp_path / "bench.jsonl"
-    argv = [command, "--size", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--batches", "2"]
+    argv = [command, "--size", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--batches", "1"]
     argv += ["--device", "cpu", "--text", "realistic", "--text-buckets", "16", "32", "64", "--out", str(out)]
     assert bench_script.main(argv) == 0
     rows = _rows(out)

@@ -17,6 +17,7 @@ must be copied to the host) at the logging cadence instead of after every batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -97,6 +98,12 @@ class FlopModel:
         return total
 
 
+@functools.lru_cache(maxsize=8)
+def flop_model(cfg: Any) -> FlopModel:
+    """FlopModel of a (frozen, hashable) model config, counted once per process."""
+    return FlopModel(cfg)
+
+
 def _batch_shape(batch: Any) -> tuple[int, int] | None:
     """(batch size, padded text length) from a batch dict, host-side shapes only."""
     if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
@@ -140,7 +147,7 @@ class Throughput(L.Callback):
         self.flops = None
         if cfg is not None and hasattr(cfg, "img_size"):
             try:
-                self.flops = FlopModel(cfg)
+                self.flops = flop_model(cfg)
             except Exception as e:  # a model FlopCounterMode cannot trace: samples/s only
                 log.warning("Throughput: could not count the model's FLOPs (%s); logging samples/s only", e)
         setting = self.peak_flops_setting
