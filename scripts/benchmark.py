@@ -696,7 +696,10 @@ def run_step_bench(args: argparse.Namespace, bench: str) -> list[dict[str, Any]]
                         cfg, precision = _compose_for(args, bench, size, task, mode, Path(tmp))
                         b = args.batch or DEFAULT_BATCH[bench][size]
                         L.seed_everything(args.seed, verbose=False)
-                        module = factory.build_module(cfg)
+                        # built on the device: the official truncated-normal init is a rejection
+                        # loop over every weight, minutes for OneRef-L on a CPU (not timed either way)
+                        with torch.device("cuda" if cuda else "cpu"):
+                            module = factory.build_module(cfg)
                         mcfg = module.model.cfg
                         if bench == "mrefm":
                             batches = _mrefm_batches(cfg, args.batches, b)

@@ -6,7 +6,8 @@
 # $OUT/bench.jsonl (samples/s, MFU, peak GiB, device, torch, commit); logs and a summary beside it.
 #   bash scripts/device_check.sh               # BUDGET=600 s of commands by default
 #   BUDGET=300 bash scripts/device_check.sh    # fewer items: later ones are skipped, not cut
-# Record the results in docs/benchmarks.md with the device and the date.
+# Record the results in docs/benchmarks.md with the device and the date. Without a .git folder on the
+# machine, pass the commit: ONEREF_GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/device_check.sh
 # Wheels the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime, wandb, pycocotools, ...)
 # can be carried in ./wheels; they are installed from there without network.
 set -uo pipefail
@@ -62,6 +63,10 @@ item data 90 "${B[@]}" data --samples 512 --loader-workers 8 "${J[@]}"
 # 9. the GPU tests (bf16 vs fp32, compile + checkpointing, FlexAttention, no host syncs)
 item gpu_tests 180 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 
+# 10. CUDA graphs (compile mode reduce-overhead, static shapes from the buckets)
+item rec_b_train_cudagraphs 150 "${B[@]}" train --size base --task rec --batch 64 --modes ours --compile \
+    --compile-mode reduce-overhead --text realistic --text-buckets 16 32 64 --steps 8 --warmup 4 "${J[@]}"
+
 cat "$SUMMARY"
 python - "$OUT/bench.jsonl" <<'EOF'
 import json, sys
@@ -69,7 +74,16 @@ from pathlib import Path
 
 path = Path(sys.argv[1])
 rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+# the official row of the same bench, size, task and batch is the 1.0x of every row of this file
+ref = {
+    (r["command"], r["size"], r["task"], r["batch"]): r["samples_per_s"]
+    for r in rows
+    if r.get("mode") == "official" and "samples_per_s" in r
+}
 for r in rows:
+    base = ref.get((r.get("command"), r.get("size"), r.get("task"), r.get("batch")))
+    if base and "samples_per_s" in r:
+        r["speedup_vs_official"] = r["samples_per_s"] / base
     if r.get("command") in ("train", "infer", "mrefm"):
         keys = ("command", "mode", "size", "task", "batch", "text", "compile", "attention", "grad_ckpt")
         print(" ".join(f"{k}={r.get(k)}" for k in keys), "->", {

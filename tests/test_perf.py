@@ -134,6 +134,24 @@ def test_whole_forward_compiles_fullgraph(attention: str, padded: bool) -> None:
     torch._dynamo.reset()
 
 
+def test_compiled_layers_take_a_new_flex_mask_every_step_without_recompiling() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _tiny()
+    model.beit3.set_attention("flex")
+    model.beit3.compile_layers(backend="aot_eager")
+    image, ids, _ = _inputs()
+    with torch.no_grad():
+        for cut in (3, 5, 8):  # a different key mask (and BlockMask object) per step, one shape
+            pad = torch.zeros_like(ids, dtype=torch.bool)
+            pad[1:, cut:] = True
+            model(image, ids, pad)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every layer and step
+    torch._dynamo.reset()
+
+
 def test_compile_layers_keeps_state_dict_keys() -> None:
     torch._dynamo.reset()
     model = _tiny()
