@@ -33,8 +33,8 @@ format: ## apply ruff formatting and autofixes
 	$(PYTHON) -m ruff check --fix src tests scripts
 	$(PYTHON) -m ruff format src tests scripts
 
-bench: ## run the benchmarks and write bench.json (see docs/benchmarks.md)
-	$(PYTHON) scripts/benchmark.py all --out bench.json
+bench: ## run the benchmarks and append to bench.jsonl (see docs/benchmarks.md)
+	$(PYTHON) scripts/benchmark.py all --out bench.jsonl
 
 clean: ## remove caches and run outputs
 	rm -rf .pytest_cache .ruff_cache logs outputs multirun

@@ -1,27 +1,43 @@
 """oneref benchmarks: `python scripts/benchmark.py <subcommand> [options]`.
 
-Every subcommand returns rows (dicts) that are logged as a table and written as JSON to `--out`
-(default `bench_<subcommand>.json`). Add a subcommand with the `@subcommand` decorator:
+Every subcommand appends one JSON line per configuration to `--out` (default
+`bench_<subcommand>.jsonl`) and logs a table. Add a subcommand with the `@subcommand` decorator:
 
-    @subcommand("model", "forward/backward throughput")
-    def model_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], list[dict]]:
+    @subcommand("name", "what it measures")
+    def name_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], list[dict]]:
         p.add_argument(...)
-        return run_model_bench
+        return run_name_bench
 
 Subcommands:
+    train  what `python -m oneref.train` runs: the real Hydra config (conf/train.yaml, task, model,
+           optim), `oneref.factory.build_module` / `build_trainer`, and a short `Trainer.fit` on fixed
+           in-memory batches with the layout of `RefCollate`, so the GroundingModule training step
+           with its own optimizer, schedule, freezing and precision is what is timed. A callback
+           times the steps after warm-up (CUDA events; a synchronize only at the ends of the
+           window) and reads `torch.cuda.max_memory_allocated`. `--modes official ours`: the
+           official numerics (fp32, text padded to 64 ids, the math attention kernel, unfused
+           AdamW) are the 1.0x reference; `ours` takes `--precision` (auto: bf16-mixed on CUDA),
+           `--compile`, `--compile-mode`, `--grad-ckpt`, `--attention`, `--text` (64 | realistic |
+           N) and `--text-buckets`.
+    infer  the evaluation step (`Trainer.test`: forward and metrics), same options.
+    mrefm  the MRefM pretraining step (`task=mrefm`, built by the same factory) on batches from the
+           real data pipeline with the MRefM fields (synthetic images); a clear error until
+           `task=mrefm` composes.
     data   training samples/s per loader worker at 384 px on JPEG images (decode, augment, letterbox,
            mask, tokenise, collate), on synthetic 640x480 JPEGs in a temporary folder; also with the
            MRefM fields (`train+mrefm`: VQ-KD image, MIM mask, VTS, text masking).
-    model  REC training steps (forward, loss, backward, AdamW) per second and peak memory, ours
-           (bf16 autocast on CUDA, text padded to the batch's longest, fused attention, fused AdamW,
-           optional compile and activation checkpointing) against the official numerics mode (fp32,
-           text padded to 64, the math attention kernel, unfused AdamW).
-    all    data, then model.
+    all    data, then train.
+
+Rows carry samples/s, ms per step, the forward GFLOPs per sample (FlopCounterMode on a meta copy of
+our model, at each batch's padded text length), model TFLOP/s (3x the forward for training), MFU
+against the device's dense bf16 peak (`oneref.tasks.throughput.PEAK_BF16_FLOPS`: 989 TFLOP/s for
+H100 SXM and H200), peak GiB (CUDA) or max RSS (CPU), device, torch version, git commit, load.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -305,168 +321,516 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-# --- model ------------------------------------------------------------------------------------------
-@subcommand("model", "REC training-step throughput and peak memory, ours vs the official numerics")
-def model_bench(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument(
-        "--sizes", nargs="+", default=None, help="model sizes (default: base large on CUDA, tiny on CPU)"
-    )
-    p.add_argument("--img-size", type=int, default=None, help="default 384 (tiny: 64)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 (large on CUDA: 16)")
-    p.add_argument("--text-len", type=int, default=20, help="longest expression in the batch (ids)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
-    p.add_argument(
-        "--modes",
-        nargs="+",
-        default=["official", "ours"],
-        choices=["official", "ours", "ours_compile", "ours_ckpt"],
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    return run_model_bench
+# --- the training and evaluation steps users run ----------------------------------------------------
+# Official numerics (the 1.0x reference): fp32, text padded to 64 ids, the math attention kernel,
+# unfused AdamW, no compile.
+OFFICIAL_TEXT_LEN = 64
+DEFAULT_BATCH = {
+    "train": {"tiny": 32, "base": 64, "large": 32},
+    "infer": {"tiny": 64, "base": 128, "large": 64},
+    "mrefm": {"tiny": 32, "base": 64, "large": 32},
+}
 
 
-def _model_step_fn(size: str, img_size: int, mode: str, device: Any) -> tuple[Any, Callable[[dict], Any]]:
+def git_commit() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("ONEREF_GIT_COMMIT", "unknown")
+
+
+def compose_bench_config(overrides: list[str], output_dir: Path) -> Any:
+    """The real training config (conf/train.yaml and its groups), composed as the CLI does."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from oneref.config import config_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(
+                config_name="train",
+                overrides=[*overrides, "logger=none", f"paths.output_dir={output_dir}"],
+            )
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def text_lengths(kind: str, b: int, gen: Any) -> Any:
+    """Ids per expression (bos + pieces + eos): ``64`` (every row full), ``realistic`` (RefCOCO-like:
+    85% of expressions 6-20 pieces, 10% 2-5, 5% 21-40) or an int N (every row N ids)."""
     import torch
 
-    from oneref.models.registry import create_model
-    from oneref.tasks.losses import GroundingCriterion
-
-    torch.manual_seed(0)
-    extra = {"patch_size": 8, "depth": 3} if size == "tiny" else {}
-    model = create_model(size, img_size=img_size, **extra).to(device)
-    if mode == "ours_ckpt":
-        model.set_grad_checkpointing(True)
-    if mode == "ours_compile":
-        for layer in model.beit3.encoder.layers:
-            layer.compile()
-    cuda = device.type == "cuda"
-    fused = cuda and mode != "official"
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
-    criterion = GroundingCriterion(use_regress_box=True, use_box_mask_constraints=True)
-    bf16 = cuda and mode != "official"
-
-    def step(batch: dict) -> Any:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if mode == "official":
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                with sdpa_kernel(SDPBackend.MATH):
-                    out = model(batch["image"], batch["text_ids"], batch["text_padding_mask"])
-            else:
-                out = model(batch["image"], batch["text_ids"], batch["text_padding_mask"])
-        loss = criterion(out, batch)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return model, step
+    if kind == "realistic":
+        u = torch.rand(b, generator=gen)
+        pieces = torch.where(
+            u < 0.85,
+            torch.randint(6, 21, (b,), generator=gen),
+            torch.where(
+                u < 0.95, torch.randint(2, 6, (b,), generator=gen), torch.randint(21, 41, (b,), generator=gen)
+            ),
+        )
+        return (pieces + 2).clamp(max=OFFICIAL_TEXT_LEN)
+    n = int(kind)
+    if not 3 <= n <= OFFICIAL_TEXT_LEN:
+        raise ValueError(f"--text {kind}: a length must be within 3..{OFFICIAL_TEXT_LEN} ids, or 'realistic'")
+    return torch.full((b,), n)
 
 
-def _model_batch(b: int, img_size: int, text_len: int, pad_to: int | None, device: Any) -> dict:
+def synthetic_batch(
+    b: int, img: int, vocab: int, lengths: Any, pad_to: int | None, buckets: list[int] | None, gen: Any
+) -> dict[str, Any]:
+    """One batch with the layout of oneref.data.datasets.RefCollate (random content)."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    n = max(text_len, pad_to or 0)
-    lengths = torch.randint(max(3, text_len // 2), text_len + 1, (b,), generator=g)
-    lengths[0] = text_len
-    ids = torch.randint(4, 1000, (b, n), generator=g)
+    from oneref.data.datasets import check_text_buckets, pad_to_bucket
+    from oneref.data.tokenizer import PAD_ID
+
+    width = int(lengths.max()) if pad_to is None else pad_to
+    pos = torch.arange(width)[None]
+    ids = torch.randint(4, vocab, (b, width), generator=gen)
     ids[:, 0] = 0
-    pad = torch.arange(n)[None] >= lengths[:, None]
-    ids[pad] = 1
-    cxcy = torch.rand(b, 2, generator=g) * 0.5 + 0.25
-    wh = torch.rand(b, 2, generator=g) * 0.3 + 0.1
-    obj = torch.zeros(b, 1, img_size, img_size, dtype=torch.bool)
-    for k in range(b):  # benchmark setup only, outside the timed region
-        x0, y0 = ((cxcy[k] - wh[k] / 2) * img_size).long().tolist()
-        x1, y1 = ((cxcy[k] + wh[k] / 2) * img_size).long().tolist()
-        obj[k, 0, y0:y1, x0:x1] = True
-    batch = {
-        "image": torch.randn(b, 3, img_size, img_size, generator=g),
+    ids = torch.where(pos == (lengths[:, None] - 1), torch.full_like(ids, 2), ids)  # eos
+    pad = pos >= lengths[:, None]
+    ids = ids.masked_fill(pad, PAD_ID)
+    if buckets and pad_to is None:
+        ids, pad = pad_to_bucket(ids, pad, check_text_buckets(buckets, OFFICIAL_TEXT_LEN))
+    cxcy = torch.rand(b, 2, generator=gen) * 0.5 + 0.25
+    wh = torch.rand(b, 2, generator=gen) * 0.3 + 0.1
+    x1y1, x2y2 = ((cxcy - wh / 2) * img), ((cxcy + wh / 2) * img)
+    grid = torch.arange(img, dtype=torch.float32) + 0.5
+    inside_x = (grid[None] >= x1y1[:, :1]) & (grid[None] < x2y2[:, :1])
+    inside_y = (grid[None] >= x1y1[:, 1:]) & (grid[None] < x2y2[:, 1:])
+    obj = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
+    return {
+        "image": torch.randn(b, 3, img, img, generator=gen),
+        "image_mask": torch.ones(b, img, img, dtype=torch.bool),
         "text_ids": ids,
         "text_padding_mask": pad,
+        "text_padded": bool(pad.any()),
         "box": torch.cat([cxcy, wh], 1),
         "obj_mask": obj,
+        "index": torch.arange(b),
+        "orig_size": torch.full((b, 2), img),
+        "letterbox": torch.tensor([[1.0, 0.0, 0.0]]).expand(b, 3).clone(),
+        "orig_box": torch.cat([x1y1, x2y2], 1),
+        "phrase": ["synthetic"] * b,
+        "image_file": ["synthetic.jpg"] * b,
     }
-    return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_model_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+class FixedBatches:
+    """A map-style dataset of ready batches, cycled (``DataLoader(batch_size=None)``)."""
+
+    def __init__(self, batches: list[dict[str, Any]], length: int) -> None:
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.batches[i % len(self.batches)]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def make_step_timer(warmup: int, total: int) -> Any:
+    """A Lightning callback timing batches ``warmup .. total-1`` of fit or test: CUDA events per
+    step, a synchronize only at the two ends of the window, peak memory over the window."""
+    import lightning as L
     import torch
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.starts: list[Any] = []
+            self.ends: list[Any] = []
+            self.wall: float | None = None
+            self.peak_gib: float | None = None
+            self.batch_shapes: list[tuple[int, int]] = []
+
+        def _cuda(self, pl_module: Any) -> bool:
+            return pl_module.device.type == "cuda"
+
+        def _mark(self, pl_module: Any) -> Any:
+            if self._cuda(pl_module):
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                return ev
+            return time.perf_counter()
+
+        def _start(self, pl_module: Any, batch: dict[str, Any], i: int) -> None:
+            if i < warmup:
+                return
+            if i == warmup:
+                if self._cuda(pl_module):
+                    torch.cuda.synchronize(pl_module.device)
+                    torch.cuda.reset_peak_memory_stats(pl_module.device)
+                self._t0 = time.perf_counter()
+            self.batch_shapes.append((int(batch["image"].shape[0]), int(batch["text_ids"].shape[1])))
+            self.starts.append(self._mark(pl_module))
+
+        def _end(self, pl_module: Any, i: int) -> None:
+            if i < warmup:
+                return
+            self.ends.append(self._mark(pl_module))
+            if i == total - 1:
+                if self._cuda(pl_module):
+                    torch.cuda.synchronize(pl_module.device)
+                    self.peak_gib = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+                self.wall = time.perf_counter() - self._t0
+
+        def step_ms(self) -> list[float]:
+            if self.starts and not isinstance(self.starts[0], float):
+                return [s.elapsed_time(e) for s, e in zip(self.starts, self.ends)]
+            return [1e3 * (e - s) for s, e in zip(self.starts, self.ends)]
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self._start(pl_module, batch, batch_idx)
+
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            self._end(pl_module, batch_idx)
+
+        def on_test_batch_start(
+            self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *_: Any
+        ) -> None:
+            self._start(pl_module, batch, batch_idx)
+
+        def on_test_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, *_: Any
+        ) -> None:
+            self._end(pl_module, batch_idx)
+
+    return StepTimer()
+
+
+def add_step_options(p: argparse.ArgumentParser, bench: str) -> None:
+    p.add_argument("--size", nargs="+", default=None, help="model sizes (default: base on CUDA, tiny on CPU)")
+    if bench != "mrefm":
+        p.add_argument("--task", nargs="+", default=["rec"], choices=["rec", "res"])
+        p.add_argument(
+            "--text",
+            nargs="+",
+            default=["64", "realistic"],
+            help="text ids per expression for 'ours': 64, realistic (RefCOCO-like 6-20 pieces) or an int; "
+            "the official mode always pads to 64",
+        )
+        p.add_argument(
+            "--text-buckets",
+            type=int,
+            nargs="*",
+            default=None,
+            help="pad to these lengths (data.text_buckets)",
+        )
+    p.add_argument("--batch", type=int, default=None, help=f"per device (default {DEFAULT_BATCH[bench]})")
+    p.add_argument("--img-size", type=int, default=None, help="default: 64 for tiny, 384 otherwise")
+    p.add_argument("--modes", nargs="+", default=["official", "ours"], choices=["official", "ours"])
+    p.add_argument(
+        "--precision", default="auto", help="trainer.precision of 'ours' (auto: bf16-mixed on CUDA)"
     )
-    cuda = device.type == "cuda"
-    sizes = args.sizes or (["base", "large"] if cuda else ["tiny"])
-    rows = []
-    for size in sizes:
-        img = args.img_size or (64 if size == "tiny" else 384)
-        b = args.batch_size or (16 if cuda and size == "large" else 32)
-        for mode in args.modes:
-            pad_to = 64 if mode == "official" else None
-            try:
-                model, step = _model_step_fn(size, img, mode, device)
-                batch = _model_batch(b, img, args.text_len, pad_to, device)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                for _ in range(args.warmup):
-                    step(batch)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    loss = step(batch)
-                float(loss)  # waits for the device
-                wall = time.perf_counter() - t0
-            except torch.OutOfMemoryError:
-                rows.append(
-                    {"size": size, "img_size": img, "batch": b, "mode": mode, "error": "out of memory"}
-                )
-                torch.cuda.empty_cache()
-                continue
-            row = {
-                "size": size,
-                "img_size": img,
-                "batch": b,
-                "text_ids": batch["text_ids"].shape[1],
-                "mode": mode,
-                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                "ms_per_step": 1000 * wall / args.steps,
-                "samples_per_s": b * args.steps / wall,
-            }
-            if cuda:
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            else:
-                row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            rows.append(row)
-            log.info("%s", row)
-            del model, step, batch
-            if cuda:
-                torch.cuda.empty_cache()
-    base = {
-        (r["size"], r["img_size"]): r["samples_per_s"]
+    p.add_argument("--compile", action="store_true", help="model.compile=true for 'ours'")
+    p.add_argument(
+        "--compile-mode", default="default", help="model.compile_mode (reduce-overhead: CUDA graphs)"
+    )
+    p.add_argument("--grad-ckpt", action="store_true", help="model.grad_checkpointing=true for 'ours'")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"], help="model.attention for 'ours'")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
+    p.add_argument("--batches", type=int, default=4, help="distinct in-memory batches, cycled")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every configuration")
+
+
+@subcommand("train", "training samples/s, MFU and peak memory of the real GroundingModule step (Trainer.fit)")
+def train_bench(p: argparse.ArgumentParser) -> Runner:
+    add_step_options(p, "train")
+    return lambda args: run_step_bench(args, "train")
+
+
+@subcommand("infer", "evaluation samples/s of the real test step (Trainer.test: forward and metrics)")
+def infer_bench(p: argparse.ArgumentParser) -> Runner:
+    add_step_options(p, "infer")
+    return lambda args: run_step_bench(args, "infer")
+
+
+@subcommand("mrefm", "MRefM pretraining step (task=mrefm through the same factory), batches from its data")
+def mrefm_bench(p: argparse.ArgumentParser) -> Runner:
+    add_step_options(p, "mrefm")
+    return lambda args: run_step_bench(args, "mrefm")
+
+
+def _mode_overrides(args: argparse.Namespace, mode: str, accelerator: str) -> tuple[list[str], str]:
+    from oneref.factory import resolve_precision
+
+    if mode == "official":
+        return [
+            "trainer.precision=32-true",
+            "optim.optimizer.fused=false",
+            "model.compile=false",
+            "model.grad_checkpointing=false",
+            "model.attention=sdpa",
+        ], "32-true"
+    precision = args.precision
+    if precision == "auto":
+        precision = resolve_precision("auto") if accelerator == "gpu" else "32-true"
+    return [
+        f"trainer.precision={precision}",
+        f"model.compile={str(bool(args.compile)).lower()}",
+        f"model.compile_mode={args.compile_mode}",
+        f"model.grad_checkpointing={str(bool(args.grad_ckpt)).lower()}",
+        f"model.attention={args.attention}",
+    ], precision
+
+
+def _compose_for(
+    args: argparse.Namespace, bench: str, size: str, task: str, mode: str, out: Path
+) -> tuple[Any, str]:
+    import torch
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    accelerator = "gpu" if cuda else "cpu"
+    overrides, precision = _mode_overrides(args, mode, accelerator)
+    img = args.img_size or (64 if size == "tiny" else 384)
+    task_name = "mrefm" if bench == "mrefm" else task
+    group = [f"task={task_name}", f"model={size}", f"model.img_size={img}", *overrides]
+    if bench == "mrefm":
+        # its batches come from the real data pipeline with the MRefM fields, on the synthetic set
+        group += ["data=synthetic", "data.mrefm.enabled=true", "data.synthetic.num_train=512"]
+        group += ["data.pad_to_max_len=true"] if mode == "official" else []
+    try:
+        cfg = compose_bench_config([*group, *args.override], out)
+    except Exception as e:
+        if bench == "mrefm":
+            raise SystemExit(
+                f"benchmark mrefm: `task=mrefm` does not compose in this checkout ({type(e).__name__}: {e}). "
+                "It needs conf/task/mrefm.yaml and the MRefM LightningModule built by "
+                "oneref.factory.build_module; run `train` / `infer` meanwhile."
+            ) from None
+        raise
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.trainer.accelerator = accelerator
+        cfg.trainer.devices = 1
+        cfg.trainer.num_nodes = 1
+        cfg.trainer.max_epochs = 1
+        cfg.trainer.max_steps = args.warmup + args.steps
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.num_sanity_val_steps = 0
+        cfg.trainer.enable_checkpointing = False
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+        cfg.trainer.val_check_interval = None
+        cfg.data.num_workers = 0
+        cfg.strategy = {"_target_": "oneref.strategies.build_strategy", "name": "auto"}
+    return cfg, precision
+
+
+def _mrefm_batches(cfg: Any, n: int, b: int) -> list[dict[str, Any]]:
+    from oneref import factory
+
+    with __import__("omegaconf").open_dict(cfg):
+        cfg.data.batch_size = b
+    dm = factory.build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+def run_step_bench(args: argparse.Namespace, bench: str) -> list[dict[str, Any]]:
+    import lightning as L
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.data import DataLoader
+
+    from oneref import factory
+    from oneref.tasks.throughput import TRAIN_FLOPS_FACTOR, FlopModel, peak_flops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    sizes = args.size or (["base"] if cuda else ["tiny"])
+    tasks = getattr(args, "task", ["rec"]) if bench != "mrefm" else ["mrefm"]
+    texts = getattr(args, "text", ["data"]) if bench != "mrefm" else ["data"]
+    device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
+    common = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "git_commit": git_commit(),
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    peak = peak_flops(0) if cuda else None
+    total = args.warmup + args.steps
+    rows: list[dict[str, Any]] = []
+    flop_models: dict[tuple, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            for task in tasks:
+                for mode in args.modes:
+                    for text in ["64"] if mode == "official" and bench != "mrefm" else texts:
+                        cfg, precision = _compose_for(args, bench, size, task, mode, Path(tmp))
+                        b = args.batch or DEFAULT_BATCH[bench][size]
+                        L.seed_everything(args.seed, verbose=False)
+                        # built on the device: the official truncated-normal init is a rejection
+                        # loop over every weight, minutes for OneRef-L on a CPU (not timed either way)
+                        with torch.device("cuda" if cuda else "cpu"):
+                            module = factory.build_module(cfg)
+                        mcfg = module.model.cfg
+                        if bench == "mrefm":
+                            batches = _mrefm_batches(cfg, args.batches, b)
+                        else:
+                            gen = torch.Generator().manual_seed(args.seed)
+                            pad_to = OFFICIAL_TEXT_LEN if mode == "official" else None
+                            buckets = args.text_buckets if mode == "ours" else None
+                            batches = [
+                                synthetic_batch(
+                                    b,
+                                    mcfg.img_size,
+                                    mcfg.vocab_size,
+                                    text_lengths(text, b, gen),
+                                    pad_to,
+                                    buckets,
+                                    gen,
+                                )
+                                for _ in range(args.batches)
+                            ]
+                        if cuda:  # what pin_memory=true gives the real loader
+                            batches = [
+                                {
+                                    k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                                    for k, v in x.items()
+                                }
+                                for x in batches
+                            ]
+                        loader = DataLoader(
+                            FixedBatches(batches, total), batch_size=None, collate_fn=_identity
+                        )
+                        timer = make_step_timer(args.warmup, total)
+                        trainer = factory.build_trainer(cfg, callbacks=[timer])
+                        kernel = sdpa_kernel(SDPBackend.MATH) if mode == "official" else _null()
+                        row: dict[str, Any] = {
+                            "bench": bench,
+                            "mode": mode,
+                            "size": size,
+                            "task": task,
+                            "img_size": mcfg.img_size,
+                            "batch": b,
+                            "precision": precision,
+                            "compile": bool(cfg.model.compile),
+                            "compile_mode": str(cfg.model.get("compile_mode", "default")),
+                            "grad_ckpt": bool(cfg.model.grad_checkpointing),
+                            "attention": str(cfg.model.get("attention", "sdpa")),
+                            "fused_adamw": bool(cfg.optim.optimizer.get("fused", False)) and cuda,
+                            "text": text,
+                            "text_buckets": args.text_buckets
+                            if mode == "ours" and bench != "mrefm"
+                            else None,
+                            "steps": args.steps,
+                            "warmup": args.warmup,
+                        }
+                        try:
+                            with kernel:
+                                if bench == "infer":
+                                    module.eval()
+                                    trainer.test(module, dataloaders=loader, verbose=False)
+                                else:
+                                    trainer.fit(module, train_dataloaders=loader)
+                        except torch.OutOfMemoryError:
+                            rows.append({**row, **common, "error": "out of memory"})
+                            log.info("%s", rows[-1])
+                            del module, trainer
+                            torch.cuda.empty_cache()
+                            continue
+                        if timer.wall is None:
+                            raise RuntimeError(f"{bench}: fewer than {total} batches ran; nothing timed")
+                        ms = sorted(timer.step_ms())
+                        samples = sum(s for s, _ in timer.batch_shapes)
+                        key = (size, task, mcfg.img_size)
+                        if key not in flop_models:
+                            flop_models[key] = FlopModel(mcfg)
+                        flops = flop_models[key]
+                        fwd = sum(s * flops(n) for s, n in timer.batch_shapes) / samples
+                        factor = 1 if bench == "infer" else TRAIN_FLOPS_FACTOR
+                        sps = samples / timer.wall
+                        row.update(
+                            {
+                                "text_ids_mean": sum(n for _, n in timer.batch_shapes)
+                                / len(timer.batch_shapes),
+                                "samples_per_s": sps,
+                                "ms_per_step_median": ms[len(ms) // 2],
+                                "ms_per_step_min": ms[0],
+                                "fwd_gflops_per_sample": fwd / 1e9,
+                                "tflops_per_s": sps * factor * fwd / 1e12,
+                                "mfu": sps * factor * fwd / peak if peak else None,
+                                "peak_flops": peak,
+                            }
+                        )
+                        if cuda:
+                            row["peak_mem_gib"] = timer.peak_gib
+                        else:
+                            # the process's peak so far (CPU runs report it for context only)
+                            row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                        rows.append({**row, **common})
+                        log.info("%s", json.dumps(rows[-1]))
+                        del module, trainer, batches, loader, timer
+                        gc.collect()  # the next configuration's memory figure starts clean
+                        if cuda:
+                            torch.cuda.empty_cache()
+    ref = {
+        (r["size"], r["task"], r["batch"]): r["samples_per_s"]
         for r in rows
-        if r.get("mode") == "official" and "samples_per_s" in r
+        if r["mode"] == "official" and "samples_per_s" in r
     }
     for r in rows:
-        ref = base.get((r["size"], r["img_size"]))
-        if ref and "samples_per_s" in r:
-            r["speedup_vs_official"] = r["samples_per_s"] / ref
+        base = ref.get((r["size"], r["task"], r["batch"]))
+        if base and "samples_per_s" in r:
+            r["speedup_vs_official"] = r["samples_per_s"] / base
     return rows
 
 
-@subcommand("all", "data, then model")
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+@subcommand("all", "data, then train")
 def all_bench(p: argparse.ArgumentParser) -> Runner:
     data_defaults = argparse.ArgumentParser()
     data_bench(data_defaults)
-    model_defaults = argparse.ArgumentParser()
-    model_bench(model_defaults)
+    train_defaults = argparse.ArgumentParser()
+    train_bench(train_defaults)
 
     def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-        rows = [{"bench": "data", **r} for r in run_data_bench(data_defaults.parse_args([]))]
-        return rows + [{"bench": "model", **r} for r in run_model_bench(model_defaults.parse_args([]))]
+        rows = run_data_bench(data_defaults.parse_args([]))
+        return rows + run_step_bench(train_defaults.parse_args([]), "train")
 
     return run
 
@@ -477,15 +841,24 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Runner] = {}
     for name, (help_text, add) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text)
-        sp.add_argument("--out", type=Path, default=None, help=f"JSON output (default bench_{name}.json)")
+        sp.add_argument(
+            "--out",
+            type=Path,
+            default=None,
+            help=f"JSON lines, one per configuration (default bench_{name}.jsonl)",
+        )
         runners[name] = add(sp)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("oneref").setLevel(logging.WARNING)
+    for name in ("oneref", "lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     rows = runners[args.command](args)
-    out = args.out or Path(f"bench_{args.command}.json")
-    out.write_text(json.dumps({"command": args.command, "machine": machine_info(), "rows": rows}, indent=1))
-    log.info("%s\nwritten to %s", format_table(rows), out)
+    out = args.out or Path(f"bench_{args.command}.jsonl")
+    machine = machine_info()
+    with out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({"command": args.command, **r, "machine": machine}) + "\n")
+    log.info("%s\nappended %d rows to %s", format_table(rows), len(rows), out)
     return 0
 
 

@@ -1,7 +1,10 @@
-"""CUDA paths: bf16 autocast, fused AdamW, compile, activation checkpointing. Skipped without a GPU
-(run with `pytest -m gpu` on a GPU machine; CI has none)."""
+"""CUDA paths: bf16 autocast, fused AdamW, compile, activation checkpointing, FlexAttention, no host
+syncs in the training step. Skipped without a GPU (run with `pytest -m gpu` on a GPU machine;
+scripts/device_check.sh does; CI has none)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +60,94 @@ def test_gpu_training_run_bf16_fused_compile_checkpointing(make_cfg) -> None:
     metrics = train(cfg)
     assert 0 <= metrics["test/synthetic/test/acc@0.5"] <= 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_flex_attention_matches_sdpa_on_cuda_forward_and_backward() -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny", **TINY).cuda()
+    image, ids, pad = _inputs()
+    grads, outs = [], []
+    for kind in ("sdpa", "flex"):  # flex: the compiled FlexAttention kernel, its backward included
+        model.beit3.set_attention(kind)
+        model.zero_grad()
+        out = model(image, ids, pad)
+        out["pred_box"].sum().backward()
+        outs.append(out["text_tokens"].detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+
+
+def test_training_step_syncs_the_host_only_at_the_logging_cadence(make_cfg, monkeypatch) -> None:
+    """Through the Trainer with the real callbacks (progress bar, throughput, lr monitor, CSV
+    logger): every synchronising CUDA call after warm-up must come from Lightning turning logged
+    tensors into numbers, at a logging step; none from the forward, loss, backward or optimizer."""
+    import traceback
+    import warnings
+
+    import lightning as L
+
+    every, warmup, steps = 3, 2, 9
+    allowed = {"metrics_to_scalars", "convert_tensors_to_scalars"}
+    syncs: list[tuple[int, list[str]]] = []
+
+    class Recorder(L.Callback):
+        step = -1
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.step = batch_idx
+            torch.cuda.set_sync_debug_mode("warn" if batch_idx >= warmup else "default")
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            torch.cuda.set_sync_debug_mode("default")  # validation and checkpoints are not steps
+
+    recorder = Recorder()
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message) and torch.cuda.get_sync_debug_mode():
+            stack = [f"{f.name} ({Path(f.filename).name}:{f.lineno})" for f in traceback.extract_stack()]
+            syncs.append((recorder.step, stack))
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    cfg = make_cfg(
+        "logger=csv",
+        "trainer.max_epochs=1",
+        f"trainer.limit_train_batches={steps}",
+        "trainer.limit_val_batches=1",
+        f"trainer.log_every_n_steps={every}",
+        "data.batch_size=8",
+        "test=false",
+    )
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "gpu"
+        cfg.trainer.precision = "auto"  # bf16-mixed, fused AdamW
+        cfg.data.pin_memory = True
+        cfg.callbacks.rich_progress_bar = {"_target_": "oneref.tasks.throughput.RichProgressBar"}
+    cfg.logger = {
+        "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": cfg.paths.output_dir}
+    }
+    from oneref import factory
+
+    trainer = factory.build_trainer(cfg)
+    trainer.callbacks.append(recorder)
+    monkeypatch.setattr(warnings, "showwarning", record)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            trainer.fit(factory.build_module(cfg), datamodule=factory.build_datamodule(cfg))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    logging_steps = {i for i in range(steps) if (i + 1) % every == 0}
+    bad = [
+        (step, stack[-12:])
+        for step, stack in syncs
+        if step not in logging_steps or not any(name.split(" ")[0] in allowed for name in stack)
+    ]
+    assert not bad, "host syncs in the training step:\n" + "\n\n".join(
+        f"step {s}:\n  " + "\n  ".join(st) for s, st in bad[:3]
+    )
+    assert {s for s, _ in syncs} <= logging_steps

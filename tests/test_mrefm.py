@@ -57,7 +57,9 @@ def test_steps_alternate_update_only_what_they_reach_and_resume_on_the_right_kin
     """Step 0 (MIM) leaves the MLM head untouched, step 1 (MLM) the MIM head; a resumed run goes
     on with the kind of its global step. The VQ-KD tokenizer is in no checkpoint."""
     seen = _seen_kinds(monkeypatch)
-    cfg = make_cfg(*SHORT, "trainer.max_steps=1", "test=false", "callbacks.step_checkpoint.every_n_train_steps=1")
+    cfg = make_cfg(
+        *SHORT, "trainer.max_steps=1", "test=false", "callbacks.step_checkpoint.every_n_train_steps=1"
+    )
     torch.manual_seed(int(cfg.seed))
     init = build_module(cfg).model.state_dict()
     train(cfg)

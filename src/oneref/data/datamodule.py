@@ -137,6 +137,25 @@ class ShardSampler(DistributedSampler):
         return self.num_samples
 
 
+# "auto" loader workers: the CPUs of this process per device on the node, one left for the main
+# process, at most this many (8 workers at ~150 samples/s each feed one H100 with OneRef-B).
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_num_workers(value: int | str, devices: int = 1) -> int:
+    """``data.num_workers``: an int >= 0, or ``auto`` (see MAX_AUTO_WORKERS)."""
+    if value == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(0, min(MAX_AUTO_WORKERS, cpus // max(1, int(devices)) - 1))
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"data.num_workers must be an int >= 0 or 'auto', got {value!r}")
+    return n
+
+
 def _init_worker(worker_id: int) -> None:
     configure_worker_process()
     # Library RNGs in workers (augmentations use their own per-sample generator).
@@ -162,8 +181,11 @@ class RefDataModule(L.LightningDataModule):
         train_split, val_split, test_splits: split names; val_split may be a list; test_splits
             default per dataset (records.DEFAULT_TEST_SPLITS).
         batch_size, eval_batch_size: per device; eval_batch_size defaults to batch_size.
-        num_workers, pin_memory: DataLoader settings (workers are persistent and seeded).
+        num_workers, pin_memory: DataLoader settings (workers are persistent and seeded);
+            num_workers ``auto`` = the CPUs per device minus one, at most MAX_AUTO_WORKERS.
         pad_to_max_len: pad text to max_query_len (official) instead of the batch's longest.
+        text_buckets: pad text to the smallest of these lengths that holds the batch's longest
+            (static shapes for torch.compile / CUDA graphs); None = the batch's longest.
         seg_masks: RES object masks from COCO polygons; otherwise box rectangles.
         augment: AugmentConfig fields (enabled, aug_crop, aug_scale, aug_translate, aug_blur,
             color_jitter, ...).
@@ -194,9 +216,10 @@ class RefDataModule(L.LightningDataModule):
         test_splits: Sequence[str] | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 4,
+        num_workers: int | str = 4,
         pin_memory: bool = True,
         pad_to_max_len: bool = False,
+        text_buckets: Sequence[int] | None = None,
         seg_masks: bool = False,
         augment: Mapping[str, Any] | AugmentConfig | None = None,
         bad_samples: str = "raise",
@@ -223,9 +246,13 @@ class RefDataModule(L.LightningDataModule):
         self.test_split_names = _splits(test_splits) or list(DEFAULT_TEST_SPLITS[dataset])
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        resolve_num_workers(num_workers)  # a bad value fails here, not when the first loader starts
+        self.num_workers = num_workers
         self.pin_memory = bool(pin_memory)
         self.pad_to_max_len = bool(pad_to_max_len)
+        buckets = _plain(text_buckets)
+        RefCollate(self.max_query_len, self.pad_to_max_len, text_buckets=buckets)  # validates them
+        self.text_buckets = list(buckets) if buckets else None
         self.seg_masks = bool(seg_masks)
         self.augment = AugmentConfig.from_any(_plain(augment))
         self.bad_samples = bad_samples
@@ -260,6 +287,7 @@ class RefDataModule(L.LightningDataModule):
                 "batch_size": self.batch_size,
                 "eval_batch_size": self.eval_batch_size,
                 "pad_to_max_len": self.pad_to_max_len,
+                **({"text_buckets": self.text_buckets} if self.text_buckets else {}),
                 "seg_masks": self.seg_masks,
                 "augment": self.augment.as_dict(),
                 "bad_samples": bad_samples,
@@ -404,7 +432,9 @@ class RefDataModule(L.LightningDataModule):
 
     # --- loaders ------------------------------------------------------------------------------------
     def _collate(self) -> RefCollate:
-        return RefCollate(self.max_query_len, self.pad_to_max_len, self.tokenizer, self.mrefm)
+        return RefCollate(
+            self.max_query_len, self.pad_to_max_len, self.tokenizer, self.mrefm, self.text_buckets
+        )
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -421,7 +451,8 @@ class RefDataModule(L.LightningDataModule):
         loader: type[DataLoader] = DataLoader,
         **extra: Any,
     ) -> DataLoader:
-        workers = self.num_workers
+        trainer = getattr(self, "trainer", None)
+        workers = resolve_num_workers(self.num_workers, trainer.num_devices if trainer is not None else 1)
         return loader(
             ds,
             batch_size=batch_size,

@@ -331,8 +331,30 @@ def unpad_index(index: int) -> int:
     return -1 - int(index)
 
 
+def check_text_buckets(buckets: Sequence[int] | None, max_query_len: int) -> tuple[int, ...] | None:
+    """``data.text_buckets`` as a sorted tuple (None = off), or a clear error."""
+    if buckets is None or len(buckets) == 0:
+        return None
+    try:
+        out = tuple(sorted({int(b) for b in buckets}))
+    except (TypeError, ValueError):
+        raise ValueError(f"data.text_buckets must be a list of ints, got {buckets!r}") from None
+    if out[0] < 1:
+        raise ValueError(f"data.text_buckets must be positive lengths, got {list(buckets)}")
+    if out[-1] < max_query_len:
+        raise ValueError(
+            f"data.text_buckets {list(out)} must reach data.max_query_len={max_query_len} (the longest "
+            f"expression): add {max_query_len} to the list"
+        )
+    return out
+
+
 class RefCollate:
-    """Stack samples into the shared batch dict; pad text to the batch's longest or to max_query_len.
+    """Stack samples into the shared batch dict; pad text to the batch's longest, to the smallest
+    of ``text_buckets`` that holds it, or to max_query_len (``pad_to_max_len``, official).
+
+    Padding to a few fixed lengths keeps compiled shapes static (no recompiles, CUDA graphs); the
+    outputs of the real tokens do not change, since padded keys are masked.
 
     Samples carrying MRefM fields (training with ``data.mrefm``) add those of `collate_mrefm` and
     ``vqkd_image``; ``mrefm`` sets their layout (default: `MRefMConfig()`).
@@ -344,9 +366,15 @@ class RefCollate:
         pad_to_max_len: bool = False,
         tokenizer: Tokenizer | None = None,
         mrefm: MRefMConfig | None = None,
+        text_buckets: Sequence[int] | None = None,
     ):
         self.max_query_len = int(max_query_len)
         self.pad_to_max_len = bool(pad_to_max_len)
+        self.text_buckets = check_text_buckets(text_buckets, self.max_query_len)
+        if self.pad_to_max_len and self.text_buckets:
+            raise ValueError(
+                "data.pad_to_max_len=true and data.text_buckets both fix the text length: set one"
+            )
         self.tokenizer = tokenizer
         self.mrefm = mrefm if mrefm is not None else MRefMConfig()
 
@@ -360,6 +388,8 @@ class RefCollate:
             )
         else:
             ids, pad = pad_token_ids([s["text_ids"] for s in samples], pad_to)
+        if self.text_buckets:
+            ids, pad = pad_to_bucket(ids, pad, self.text_buckets)
         results = [s["result"] for s in samples]
         b, size = len(results), results[0].size
         image = _batch_buffer((b, 3, size, size), torch.float32)
@@ -416,6 +446,23 @@ def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     proto = torch.empty(0, dtype=dtype)
     storage = proto._typed_storage()._new_shared(numel, device="cpu")
     return proto.new(storage).resize_(shape)
+
+
+def pad_to_bucket(
+    ids: torch.Tensor, pad: torch.Tensor, buckets: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (ids, padding mask) to the smallest bucket length >= their width."""
+    width = ids.shape[1]
+    target = next((b for b in buckets if b >= width), None)
+    if target is None:
+        raise ValueError(f"{width} text ids exceed the largest of data.text_buckets {list(buckets)}")
+    if target == width:
+        return ids, pad
+    extra = target - width
+    return (
+        torch.nn.functional.pad(ids, (0, extra), value=PAD_ID),
+        torch.nn.functional.pad(pad, (0, extra), value=True),
+    )
 
 
 def pad_token_ids(rows: Sequence[np.ndarray], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

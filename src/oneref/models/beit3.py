@@ -16,14 +16,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 # fairseq convention: rows 0 and 1 of both position tables are never read.
 POSITION_OFFSET = 2
+# Attention kernels for padded batches (unpadded batches always take SDPA without a mask, which
+# dispatches to flash attention): "sdpa" (boolean key mask; portable, what export traces) or
+# "flex" (FlexAttention with a key-padding block mask: flash-like speed with padding on CUDA;
+# on the CPU only without gradients).
+ATTENTION_KINDS = ("sdpa", "flex")
+FLEX_BLOCK_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -141,11 +149,14 @@ class MultiwaySelfAttention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
 
-    def forward(self, v: Tensor, t: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, v: Tensor, t: Tensor, attn_mask: Tensor | BlockMask | None) -> tuple[Tensor, Tensor]:
         q = self._heads(self.q_proj, v, t)
         k = self._heads(self.k_proj, v, t)
         val = self._heads(self.v_proj, v, t)
-        o = F.scaled_dot_product_attention(q, k, val, attn_mask=attn_mask)
+        if isinstance(attn_mask, BlockMask):
+            o = _flex(q, k, val, attn_mask)
+        else:
+            o = F.scaled_dot_product_attention(q, k, val, attn_mask=attn_mask)
         b, h, n, hd = o.shape
         o = o.transpose(1, 2).reshape(b, n, h * hd)
         nv = v.shape[1]
@@ -167,7 +178,7 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = Multiway(lambda: nn.LayerNorm(d, eps=cfg.layernorm_eps))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, v: Tensor, t: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, v: Tensor, t: Tensor, attn_mask: Tensor | BlockMask | None) -> tuple[Tensor, Tensor]:
         av, at = self.self_attn(self.self_attn_layer_norm.A(v), self.self_attn_layer_norm.B(t), attn_mask)
         scale = self.drop_path.keep_scale(v)
         if scale is not None:
@@ -204,9 +215,23 @@ class BEiT3(nn.Module):
         self.vision_embed = VisionEmbedding(cfg)
         self.encoder = Encoder(cfg)
         self.grad_checkpointing = False
+        self.attention = "sdpa"
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def set_attention(self, kind: str) -> None:
+        """Kernel for padded batches: ``sdpa`` (default) or ``flex`` (see ATTENTION_KINDS)."""
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+        self.attention = kind
+
+    def compile_layers(self, **options: Any) -> None:
+        """``torch.compile`` each encoder layer in place (state-dict keys unchanged). Per block, not
+        the whole model: one graph reused by every layer, and the order the FSDP docs and open_clip
+        give (compile each block, then activation checkpointing around it, then sharding)."""
+        for layer in self.encoder.layers:
+            layer.compile(**options)
 
     def embed(
         self,
@@ -249,11 +274,15 @@ class BEiT3(nn.Module):
         """
         pad = None if text_padding_mask is None else text_padding_mask.bool()
         v, t = self.embed(image, text_ids, pad, masked_position)
-        attn_mask = None
+        attn_mask: Tensor | BlockMask | None = None
         if pad is not None:
-            # SDPA boolean mask: True = attend. Vision keys are never masked, so no row is empty.
+            # True = attend. Vision keys are never masked, so no row is empty.
             attend = torch.cat([pad.new_ones(pad.shape[0], v.shape[1]), ~pad], dim=1)
-            attn_mask = attend[:, None, None, :]
+            # FlexAttention has no CPU backward: CPU training keeps SDPA (the same math)
+            if self.attention == "flex" and (attend.is_cuda or not torch.is_grad_enabled()):
+                attn_mask = key_padding_block_mask(attend)
+            else:
+                attn_mask = attend[:, None, None, :]  # SDPA boolean mask
         hidden = [torch.cat([v, t], dim=1)] if return_all_hiddens else None
         for layer in self.encoder.layers:
             if self.grad_checkpointing and self.training:
@@ -267,6 +296,53 @@ class BEiT3(nn.Module):
         if hidden is not None:
             out["hidden_states"] = hidden
         return out
+
+
+def key_padding_block_mask(attend: Tensor, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """FlexAttention block mask of a (B, N) key mask (True = attend), the same for every query and
+    head. Built from block counts with tensor ops only (no ``create_block_mask``, which evaluates
+    the mask over B x N x N): no host sync and static shapes, so it runs inside compiled code."""
+    b, n = attend.shape
+    blocks = -(-n // block_size)
+    keep = F.pad(attend, (0, blocks * block_size - n))  # keys past N never attended
+    counts = keep.view(b, blocks, block_size).sum(-1)
+    full = counts == block_size
+    partial = (counts > 0) & ~full
+
+    def first(selected: Tensor) -> tuple[Tensor, Tensor]:
+        # the selected block indices first (stable), each row repeated for every query block
+        order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        num = selected.sum(-1, dtype=torch.int32)
+        return num[:, None, None].expand(b, 1, blocks), order[:, None, None].expand(b, 1, blocks, blocks)
+
+    def mask_mod(batch: Tensor, head: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return keep[batch, kv]
+
+    kv_num, kv_idx = first(partial)
+    full_num, full_idx = first(full)
+    return BlockMask.from_kv_blocks(
+        kv_num.contiguous(),
+        kv_idx.contiguous(),
+        full_num.contiguous(),
+        full_idx.contiguous(),
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(n, n),
+    )
+
+
+_compiled_flex: Any = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    # FlexAttention is a fused kernel only when compiled; eager (the CPU path, tests) materialises
+    # the scores. Compiling needs a GPU backend here, so the CPU stays eager.
+    global _compiled_flex
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
 def init_official(module: nn.Module) -> None:

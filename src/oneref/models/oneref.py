@@ -212,12 +212,11 @@ class OneRef(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.beit3.set_grad_checkpointing(enable)
 
-    def compile_layers(self) -> None:
-        """``torch.compile`` each encoder layer in place (once): the state-dict keys stay the
-        official ones, and FSDP and activation checkpointing still see the layer modules."""
+    def compile_layers(self, mode: str | None = None) -> None:
+        """``torch.compile`` each encoder layer in place, once (``BEiT3.compile_layers``); ``mode``
+        is torch.compile's (``reduce-overhead`` for CUDA graphs; None/``default``)."""
         if not getattr(self, "_layers_compiled", False):
-            for layer in self.beit3.encoder.layers:
-                layer.compile()
+            self.beit3.compile_layers(**({} if mode in (None, "default") else {"mode": mode}))
             self._layers_compiled = True
 
     # -- forward -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from oneref.tasks.optim import configure_optimizers
 log = logging.getLogger(__name__)
 
 # Keys of the model config that configure training, not the architecture.
-_RUNTIME_MODEL_KEYS = ("size", "compile", "grad_checkpointing")
+_RUNTIME_MODEL_KEYS = ("size", "compile", "compile_mode", "grad_checkpointing", "attention")
 
 
 def build_model(model: dict[str, Any], seg_head: bool = False, **extra: Any) -> OneRef:
@@ -77,6 +77,7 @@ class GroundingModule(L.LightningModule):
         self.hparams["architecture"] = self.model.cfg.to_dict()
         if model.get("grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
+        self.model.beit3.set_attention(model.get("attention") or "sdpa")
         losses = dict(task.get("losses", {}))
         self.criterion = GroundingCriterion(
             similarity_temperature=self.model.cfg.similarity_temperature, **losses
@@ -108,7 +109,7 @@ class GroundingModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.model.get("compile"):
-            self.model.compile_layers()
+            self.model.compile_layers(self.hparams.model.get("compile_mode"))
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -25,16 +25,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from oneref.models.oneref import BACKBONE_PARTS, OneRef
-from oneref.models.registry import model_config
+from oneref.models.oneref import BACKBONE_PARTS
 from oneref.models.vqkd import VQKD, VQKDConfig
-from oneref.tasks.grounding import embed_tokenizer
+from oneref.tasks.grounding import build_model, embed_tokenizer
 from oneref.tasks.losses import GroundingCriterion, mlm_accuracy
 from oneref.tasks.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 
-_RUNTIME_MODEL_KEYS = ("size", "compile", "grad_checkpointing")
 VQKD_RELEASE = "vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth"
 VQKD_HELP = (
     f"the MIM targets come from BEiT v2's VQ-KD tokenizer {VQKD_RELEASE} (github.com/microsoft/unilm, "
@@ -105,12 +103,12 @@ class MRefMModule(L.LightningModule):
         if task.get("name") != "mrefm":
             raise ValueError(f"MRefMModule needs task.name=mrefm, got {task.get('name')!r}")
         self.dataset_name = dataset
-        arch = {k: v for k, v in model.items() if k not in _RUNTIME_MODEL_KEYS}
         codes = int(task.get("vqkd", {}).get("codebook_size", 8192))
-        self.model = OneRef(model_config(model["size"], **arch, mim_codebook_size=codes, mlm_head=True))
+        self.model = build_model(model, mim_codebook_size=codes, mlm_head=True)
         self.hparams["architecture"] = self.model.cfg.to_dict()
         if model.get("grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
+        self.model.beit3.set_attention(model.get("attention") or "sdpa")
         losses = dict(task.get("losses", {}))
         self.criterion = GroundingCriterion(
             use_regress_box=bool(losses.get("use_regress_box", False)),
@@ -243,7 +241,7 @@ class MRefMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.model.get("compile"):
-            self.model.compile_layers()
+            self.model.compile_layers(self.hparams.model.get("compile_mode"))
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_optimizers(self, self.model, self.hparams.optim)

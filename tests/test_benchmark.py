@@ -1,0 +1,66 @@
+"""scripts/benchmark.py runs the real training and evaluation steps: a smoke test on the tiny model
+(fields only, never values: the benchmark is the measurement)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from oneref.config import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_FIELDS = {
+    "bench", "mode", "size", "task", "batch", "precision", "compile", "grad_ckpt", "attention", "text",
+    "samples_per_s", "ms_per_step_median", "fwd_gflops_per_sample", "tflops_per_s", "mfu", "device",
+    "torch", "git_commit", "steps", "warmup", "text_ids_mean", "speedup_vs_official", "machine",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    spec = importlib.util.spec_from_file_location("oneref_benchmark", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("command", ["train", "infer"])
+def test_benchmark_runs_the_real_step_and_writes_one_json_line_per_configuration(
+    bench_script, tmp_path: Path, command: str
+) -> None:
+    out = tmp_path / "bench.jsonl"
+    argv = [command, "--size", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--batches", "1"]
+    argv += ["--device", "cpu", "--text", "realistic", "--text-buckets", "16", "32", "64", "--out", str(out)]
+    assert bench_script.main(argv) == 0
+    rows = _rows(out)
+    assert [(r["mode"], r["text"]) for r in rows] == [("official", "64"), ("ours", "realistic")]
+    for r in rows:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert r["bench"] == command and r["size"] == "tiny" and r["batch"] == 4
+        assert "max_rss_gib" in r  # the CPU's memory figure (peak_mem_gib on CUDA)
+    official, ours = rows
+    assert official["text_ids_mean"] == 64 and official["precision"] == "32-true"
+    assert ours["text_ids_mean"] in (16, 32, 64)  # padded to a bucket
+    assert official["speedup_vs_official"] == 1.0
+
+
+def test_benchmark_mrefm_needs_the_mrefm_task(bench_script, tmp_path: Path) -> None:
+    if (Path(config_dir()) / "task" / "mrefm.yaml").is_file():
+        pytest.skip("task=mrefm exists: the mrefm subcommand runs (device_check.sh)")
+    with pytest.raises(SystemExit, match="task=mrefm` does not compose"):
+        bench_script.main(["mrefm", "--size", "tiny", "--device", "cpu", "--out", str(tmp_path / "m.jsonl")])
+
+
+def test_benchmark_rejects_a_bad_text_length(bench_script, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--text 200"):
+        bench_script.main(["train", "--size", "tiny", "--modes", "ours", "--text", "200", "--device", "cpu"])
