@@ -121,6 +121,22 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     GlobalHydra.instance().clear()
 
 
+# What Lightning writes into os.environ when it sets up a cluster (a faked SLURM test, for one):
+# left behind, every later DDP subprocess would try to reach that address.
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _restore_launch_env():
+    saved = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread, restored afterwards: results that must be bit-identical across runs (the

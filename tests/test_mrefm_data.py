@@ -224,9 +224,17 @@ def test_six_training_scales_as_the_official_mim_pipeline(root: Path) -> None:
 
 
 def test_mixup_and_evaluation_splits(root: Path) -> None:
-    dm = _dm(root, MRefM, dataset="mixup_with_refc", val_split="val")
+    """Training and validation batches carry the MRefM inputs (validation with the same masks at
+    every epoch, for comparable MIM/MLM metrics); test batches do not."""
+    dm = _dm(root, MRefM, dataset="mixup_with_refc", val_split="val", test_splits=["train"])
     assert "mlm_labels" in next(iter(dm.train_dataloader()))
-    assert "mlm_labels" not in next(iter(dm.val_dataloader()))  # MRefM inputs are for training only
+    first, again = (next(iter(dm.val_dataloader())) for _ in range(2))
+    dm.trainer = None
+    assert torch.equal(first["mim_mask"], again["mim_mask"]) and torch.equal(
+        first["mlm_text_ids"], again["mlm_text_ids"]
+    )
+    dm.setup("test")
+    assert "mlm_labels" not in next(iter(dm.test_dataloader()[0]))
 
 
 def test_synthetic_default_with_mrefm_on(make_cfg) -> None:

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from oneref import factory
-from oneref.checkpoint.resume import resolve_ckpt_path
+from oneref.checkpoint.resume import resolve_ckpt_path, resume_mismatch
 from oneref.config import config_dir
 from oneref.distributed import apply_global_batch, check_multi_node, install_hydra_ddp_launch
 from oneref.reporting import (
@@ -82,6 +82,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     datamodule = factory.build_datamodule(cfg)
     module = factory.build_module(cfg)
+    if ckpt_path is not None and str(cfg.get("ckpt_path")) == "auto":
+        differ = resume_mismatch(ckpt_path, module.hparams)
+        if differ:  # e.g. stage 2 written into stage 1's folder
+            log.warning("not resuming from %s: it is another run (%s differ)", ckpt_path, ", ".join(differ))
+            ckpt_path = None
     if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
         factory.init_weights(module, str(cfg.init_from), cfg.get("init_format"))
     install_hydra_ddp_launch()

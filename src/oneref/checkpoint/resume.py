@@ -85,3 +85,12 @@ def resolve_ckpt_path(ckpt_path: str | None, *folders: str | Path) -> str | None
     path = Path(str(ckpt_path)).expanduser()
     checkpoint_step(path)  # refuse a missing, truncated or foreign file by name, before training
     return str(path)
+
+
+def resume_mismatch(
+    path: str | Path, hparams: Any, keys: tuple[str, ...] = ("model", "task", "optim")
+) -> list[str]:
+    """The hyperparameter groups in which the checkpoint at ``path`` differs from ``hparams`` (a
+    resumed run must be the same run: another stage written into the same folder is not)."""
+    saved = load_checkpoint_file(path, mmap=True).get("hyper_parameters") or {}
+    return [k for k in keys if k in hparams and saved.get(k) != dict(hparams[k])]

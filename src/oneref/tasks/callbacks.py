@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def _is_mrefm(pl_module: L.LightningModule) -> bool:
-    return hasattr(pl_module, "step_kind")
+    from oneref.tasks.mrefm import MRefMModule  # here: tasks.mrefm imports the module this one serves
+
+    return isinstance(pl_module, MRefMModule)
 
 
 class ValidationImages(L.Callback):
