@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+T = TypeVar("T")
 
 
 def config_dir() -> str:
@@ -42,6 +46,23 @@ def to_container(cfg: DictConfig | dict | None) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+def options_from(cls: type[T], value: T | Mapping[str, Any] | None, what: str) -> T:
+    """A frozen options dataclass from a config mapping (Hydra's, or a dict), a ready instance or
+    None (the defaults). Unknown keys are one error naming ``what`` and the valid keys; lists become
+    tuples (dataclass fields of tuple type, e.g. a size range)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {unknown}; valid: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, (list, ListConfig)) else v for k, v in value.items()})
 
 
 def _hydra_config() -> DictConfig | None:

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from oneref.config import options_from
 from oneref.data.anchors import Anchors, anchor_piece_indices
 from oneref.data.masking import ReferringMaskGenerator, visual_target_relation_scores
 from oneref.data.text_masking import MASK_PROB, mask_text, masked_token_count, sample_rng
@@ -73,15 +74,7 @@ class MRefMConfig:
 
     @classmethod
     def from_any(cls, value: MRefMConfig | Mapping[str, Any] | None) -> MRefMConfig:
-        if value is None:
-            return cls()
-        if isinstance(value, MRefMConfig):
-            return value
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ValueError(f"unknown data.mrefm option(s) {unknown}; valid: {sorted(names)}")
-        return cls(**dict(value))
+        return options_from(cls, value, "data.mrefm")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from oneref.config import options_from
 from oneref.data.tokenizer import train_sentencepiece
 
 log = logging.getLogger(__name__)
@@ -87,18 +88,7 @@ class SyntheticConfig:
 
     @classmethod
     def from_any(cls, value: SyntheticConfig | Mapping[str, Any] | None) -> SyntheticConfig:
-        if value is None:
-            return cls()
-        if isinstance(value, SyntheticConfig):
-            return value
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ValueError(f"unknown synthetic option(s) {unknown}; valid: {sorted(names)}")
-        kw = {
-            k: tuple(v) if isinstance(v, (list, tuple)) or _is_listconfig(v) else v for k, v in value.items()
-        }
-        return cls(**kw).validated()
+        return options_from(cls, value, "synthetic").validated()
 
     def validated(self) -> SyntheticConfig:
         if not 16 <= self.canvas_min <= self.canvas_max:
@@ -123,10 +113,6 @@ class SyntheticConfig:
 
     def num_samples(self, split: str) -> int:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
-
-
-def _is_listconfig(v: Any) -> bool:
-    return type(v).__name__ == "ListConfig"
 
 
 # --- scenes -----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageStat
 from pycocotools import mask as coco_mask
+
+from oneref.config import options_from
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -334,15 +336,7 @@ class AugmentConfig:
 
     @classmethod
     def from_any(cls, value: AugmentConfig | Mapping[str, Any] | None) -> AugmentConfig:
-        if value is None:
-            return cls()
-        if isinstance(value, AugmentConfig):
-            return value
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ValueError(f"unknown augment option(s) {unknown}; valid: {sorted(names)}")
-        return cls(**dict(value))
+        return options_from(cls, value, "augment")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
