@@ -618,6 +618,12 @@ def _compose_for(
         # its batches come from the real data pipeline with the MRefM fields, on the synthetic set
         group += ["data=synthetic", "data.mrefm.enabled=true", "data.synthetic.num_train=512"]
         group += ["data.pad_to_max_len=true"] if mode == "official" else []
+        if size != "tiny":  # a random VQ-KD of the released shape: the same compute without the file
+            group += [
+                "task.vqkd.checkpoint=null",
+                "task.vqkd.codebook_size=8192",
+                "task.vqkd.random={seed:0,embed_dim:768,depth:12,num_heads:12,code_dim:32,num_codes:8192}",
+            ]
     try:
         cfg = compose_bench_config([*group, *args.override], out)
     except Exception as e:

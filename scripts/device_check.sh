@@ -53,17 +53,20 @@ item res_b_train 120 "${B[@]}" train --size base --task res --batch 64 --text re
 item rec_l_train 150 "${B[@]}" train --size large --task rec --batch 32 --text realistic "${S[@]}" "${J[@]}"
 # 5. REC-B inference (the test step: forward and metrics) at batch 128
 item rec_b_infer 90 "${B[@]}" infer --size base --task rec --batch 128 --text realistic "${S[@]}" "${J[@]}"
-# 6. MRefM-B pretraining step (fails with a clear message until task=mrefm exists)
+# 6. MRefM-B pretraining step (MIM and MLM steps alternate; VQ-KD targets included, a random VQ-KD)
 item mrefm_b 120 "${B[@]}" mrefm --size base --batch 64 "${S[@]}" "${J[@]}"
 # 7. memory: REC-B with activation checkpointing (peak <= 16 GiB target)
 item rec_b_train_ckpt 90 "${B[@]}" train --size base --task rec --batch 64 --modes ours --grad-ckpt \
     --text realistic "${S[@]}" "${J[@]}"
 # 8. the loader: samples/s per worker and with 8 workers (its CPUs, not the GPU)
 item data 90 "${B[@]}" data --samples 512 --loader-workers 8 "${J[@]}"
-# 9. the GPU tests (bf16 vs fp32, compile + checkpointing, FlexAttention, no host syncs)
+# 9. the GPU tests (bf16 vs fp32, compile + checkpointing, FlexAttention, no host syncs, an FSDP
+#    step with a save and a reload on one device)
 item gpu_tests 180 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+# 10. prediction: queries/s of the CLI for OneRef-B (scripts/predict_bench.sh)
+item predict_b 120 bash scripts/predict_bench.sh
 
-# 10. CUDA graphs (compile mode reduce-overhead, static shapes from the buckets)
+# 11. CUDA graphs (compile mode reduce-overhead, static shapes from the buckets)
 item rec_b_train_cudagraphs 150 "${B[@]}" train --size base --task rec --batch 64 --modes ours --compile \
     --compile-mode reduce-overhead --text realistic --text-buckets 16 32 64 --steps 8 --warmup 4 "${J[@]}"
 

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from oneref.config import config_dir
-
 REPO = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {
     "bench", "mode", "size", "task", "batch", "precision", "compile", "grad_ckpt", "attention", "text",
@@ -54,11 +52,12 @@ def test_benchmark_runs_the_real_step_and_writes_one_json_line_per_configuration
     assert official["speedup_vs_official"] == 1.0
 
 
-def test_benchmark_mrefm_needs_the_mrefm_task(bench_script, tmp_path: Path) -> None:
-    if (Path(config_dir()) / "task" / "mrefm.yaml").is_file():
-        pytest.skip("task=mrefm exists: the mrefm subcommand runs (device_check.sh)")
-    with pytest.raises(SystemExit, match="task=mrefm` does not compose"):
-        bench_script.main(["mrefm", "--size", "tiny", "--device", "cpu", "--out", str(tmp_path / "m.jsonl")])
+def test_benchmark_mrefm_times_the_pretraining_step(bench_script, tmp_path: Path) -> None:
+    out = tmp_path / "m.jsonl"
+    args = ["mrefm", "--size", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+    assert bench_script.main([*args, "--modes", "ours", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["bench"], row["task"], row["batch"]) == ("mrefm", "mrefm", 4) and row["samples_per_s"] > 0
 
 
 def test_benchmark_rejects_a_bad_text_length(bench_script, tmp_path: Path) -> None:

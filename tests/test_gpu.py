@@ -151,3 +151,36 @@ def test_training_step_syncs_the_host_only_at_the_logging_cadence(make_cfg, monk
         f"step {s}:\n  " + "\n  ".join(st) for s, st in bad[:3]
     )
     assert {s for s, _ in syncs} <= logging_steps
+
+
+@pytest.mark.parametrize("state_dict_type", ["full", "sharded"])
+def test_fsdp_step_save_and_reload_on_one_device(make_cfg, tmp_path, state_dict_type) -> None:
+    """strategy=fsdp on one GPU (auto-wrap per Multiway layer, activation checkpointing, bf16):
+    two steps and a checkpoint; the full checkpoint loads back on one device with the official
+    keys, the sharded one after Lightning's consolidation."""
+    from oneref.checkpoint import load_model, official_keys
+
+    cfg = make_cfg(
+        "strategy=fsdp",
+        "strategy.activation_checkpointing_layers=true",
+        f"strategy.state_dict_type={state_dict_type}",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+        "test=false",
+    )
+    cfg.trainer.accelerator = "gpu"
+    cfg.trainer.precision = "auto"
+    train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    if state_dict_type == "sharded":  # a folder of shards: consolidate it into one file first
+        import subprocess
+        import sys
+
+        subprocess.run(
+            [sys.executable, "-m", "lightning.pytorch.utilities.consolidate_checkpoint", str(last)],
+            check=True,
+        )
+        last = last.with_suffix(".ckpt.consolidated")
+    model, report = load_model(last, source_format="lightning")
+    assert not report.missing and not report.unexpected
+    assert list(model.state_dict()) == list(official_keys(model.cfg))
