@@ -52,7 +52,12 @@ def run(overrides: list[str], out_dir: Path) -> tuple[dict[str, float], float]:
 
 def steps_overrides(steps: int) -> list[str]:
     # one epoch of the synthetic training set is 625 steps at batch 32; max_steps decides
-    return [f"trainer.max_steps={steps}", "trainer.max_epochs=1000", "trainer.max_time=null", "ckpt_path=null"]
+    return [
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=1000",
+        "trainer.max_time=null",
+        "ckpt_path=null",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         base = [*common, f"seed={seed}"]
         metrics, secs = run([*base, *steps_overrides(args.steps)], work / f"rec_seed{seed}")
-        records.append({"seed": seed, "condition": "rec", "steps": args.steps, METRIC: metrics[METRIC], "seconds": secs})
+        records.append(
+            {"seed": seed, "condition": "rec", "steps": args.steps, METRIC: metrics[METRIC], "seconds": secs}
+        )
         print(json.dumps(records[-1]), flush=True)
         _, pre_secs = run([*base, "task=mrefm", *steps_overrides(pre)], work / f"mrefm_seed{seed}")
         exported = work / "logs" / "mrefm_tiny_synthetic" / "last.ckpt"
         metrics, secs = run(
-            [*base, *steps_overrides(args.steps - pre), f"init_from={exported}"], work / f"mrefm_rec_seed{seed}"
+            [*base, *steps_overrides(args.steps - pre), f"init_from={exported}"],
+            work / f"mrefm_rec_seed{seed}",
         )
         records.append(
             {
