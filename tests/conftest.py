@@ -128,13 +128,20 @@ _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_S
 
 @pytest.fixture(autouse=True)
 def _restore_launch_env():
+    # and the process rank Lightning keeps for its rank-zero-only functions: a Trainer built on a
+    # faked rank 3 leaves it at 3, and every later run in this process would write no log files
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
     saved = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    rank = getattr(rank_zero_only, "rank", None)
     yield
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    if rank is not None:
+        rank_zero_only.rank = rank
 
 
 @pytest.fixture
