@@ -254,3 +254,22 @@ def test_ddp_sim_mrefm(tmp_path, cache_dir):
     (run,) = (tmp_path / "logs" / "mrefm_tiny_synthetic" / "runs").iterdir()
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert (tmp_path / "logs" / "mrefm_tiny_synthetic" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_synthetic_chain_script_runs_every_condition(tmp_path, cache_dir):
+    """scripts/synthetic_mrefm_chain.py (the README's MRefM -> REC comparison), a few steps each."""
+    env = {**os.environ, "ONEREF_CACHE": str(cache_dir), "WANDB_MODE": "disabled"}
+    out_json = tmp_path / "chain.json"
+    cmd = [
+        sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "synthetic_mrefm_chain.py"),
+        "--steps", "4", "--seeds", "0", "--out", str(out_json), "--work", str(tmp_path / "work"),
+        "data.num_workers=0", "data.batch_size=16",
+        *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()],
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    records = json.loads(out_json.read_text())
+    assert [(r["condition"], r["steps"]) for r in records] == [("rec", 4), ("mrefm+rec", 4), ("rec-short", 2)]
+    assert records[1]["mrefm_steps"] == 2
+    assert all(0 <= r["test/synthetic/test/acc@0.5"] <= 1 for r in records)
