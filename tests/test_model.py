@@ -74,6 +74,24 @@ def test_similarity_temperature_changes_only_the_pooling() -> None:
     assert not torch.allclose(a["pred_box"], b["pred_box"])
 
 
+def test_seg_temperature_scales_the_mask_logits_not_the_prediction() -> None:
+    from oneref.tasks.metrics import res_pred_mask
+
+    torch.manual_seed(0)
+    plain = create_model("tiny", **TINY, seg_head=True).eval()
+    sharp = create_model("tiny", **TINY, seg_head=True, seg_temperature=0.1).eval()
+    sharp.load_state_dict(plain.state_dict())
+    inputs = _inputs()
+    a, b = plain(*inputs), sharp(*inputs)
+    assert a["seg_mask"].abs().max() <= 1 + 1e-6  # official: cosines
+    torch.testing.assert_close(b["seg_mask"], a["seg_mask"] / 0.1)
+    torch.testing.assert_close(a["pred_box"], b["pred_box"])
+    assert torch.equal(res_pred_mask(a["seg_mask"], (32, 32)), res_pred_mask(b["seg_mask"], (32, 32)))
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="seg_temperature must be a positive number"):
+            model_config("tiny", **TINY, seg_temperature=bad)
+
+
 def test_sincos_position_init() -> None:
     code = sincos_2d(4, 16)
     assert code.shape == (16, 16)

@@ -39,12 +39,19 @@ class OneRefConfig(BEiT3Config):
     # constraint). None = official (raw cosines). Only for training from scratch: leave it
     # unset whenever official weights are loaded.
     similarity_temperature: float | None = None
+    # Divides the RES mask logits (official: cosines in [-1, 1], where focal + dice from scratch
+    # collapse to empty masks). The prediction (logit > 0) does not change. None = official.
+    seg_temperature: float | None = None
     # Initial vision position table: "normal" (official BEiT-3 init) or "sincos" (2-D sine-cosine
     # patch positions, still learned). Only matters from scratch; loaded weights overwrite it.
     position_init: str = "normal"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("similarity_temperature", "seg_temperature"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
         if self.position_init not in ("normal", "sincos"):
             raise ValueError(f"position_init must be 'normal' or 'sincos', got {self.position_init!r}")
 
@@ -231,7 +238,10 @@ class OneRef(nn.Module):
         # norms instead of materialising the normalised (B,D,H,W) map (and its backward)
         dot = torch.einsum("bdhw,bd->bhw", x, language_cls.to(x.dtype))
         norm = torch.linalg.vector_norm(x, dim=1).clamp_min(1e-12)
-        return (dot / norm).unsqueeze(1)
+        logits = dot / norm
+        if self.cfg.seg_temperature is not None:
+            logits = logits / self.cfg.seg_temperature
+        return logits.unsqueeze(1)
 
     def forward(
         self,
