@@ -45,6 +45,7 @@ def test_ddp_sim_rec_trains_past_step_2_tests_and_writes_one_run_folder(tmp_path
     out = run_cli("oneref.train", [*DDP_TRAIN, *SYNTHETIC], tmp_path, cache_dir)
     console = out.stdout + out.stderr
     assert "baseline/synthetic/test/acc@0.5" in console  # rank 0 printed the whole table
+    assert "sync_dist=True" not in console  # epoch metrics are logged as the synchronised values
     runs = list((tmp_path / "logs" / "rec_tiny_synthetic" / "runs").iterdir())
     assert len(runs) == 1, runs
     run = runs[0]

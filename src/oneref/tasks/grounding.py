@@ -23,6 +23,10 @@ from oneref.tasks.optim import configure_optimizers
 log = logging.getLogger(__name__)
 
 # Keys of the model config that configure training, not the architecture.
+# Epoch metrics come from torchmetrics' compute(), already reduced over all ranks and identical on
+# each: "sync" them with max, which returns that value exactly on any number of ranks (and tells
+# Lightning they are synchronised, instead of a warning per key under DDP).
+_SYNCED = {"sync_dist": True, "reduce_fx": "max"}
 _RUNTIME_MODEL_KEYS = ("size", "compile", "compile_mode", "grad_checkpointing", "attention")
 
 
@@ -183,7 +187,7 @@ class GroundingModule(L.LightningModule):
         if self.val_res is not None:
             metrics.update({f"val/{k}": v for k, v in self.val_res.compute().items()})
             self.val_res.reset()
-        self.log_dict(metrics, prog_bar=True)
+        self.log_dict(metrics, prog_bar=True, **_SYNCED)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         out = self(batch)
@@ -206,7 +210,7 @@ class GroundingModule(L.LightningModule):
                 metrics.update({f"{prefix}/{k}": v for k, v in group["res"].compute().items()})
             for metric in group.values():
                 metric.reset()
-        self.log_dict(metrics, add_dataloader_idx=False)
+        self.log_dict(metrics, add_dataloader_idx=False, **_SYNCED)
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
