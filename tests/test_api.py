@@ -110,6 +110,21 @@ def test_an_image_asked_several_things_is_decoded_once(model, tmp_path, monkeypa
     assert len(calls) == 1
 
 
+def test_a_res_box_is_its_masks_bounding_box():
+    from oneref.predictor import mask_box
+
+    mask = np.zeros((5, 7), bool)
+    assert mask_box(mask) is None
+    mask[2, 3] = True
+    np.testing.assert_array_equal(mask_box(mask), [3, 2, 4, 3])  # pixel edges: one pixel is 1 x 1
+    mask[4, 0] = True
+    box = mask_box(mask)
+    assert box.dtype == np.float32
+    np.testing.assert_array_equal(box, [0, 2, 4, 5])
+    empty = Prediction(text="t", box_xyxy=None, image_size=(7, 5), mask=np.zeros((5, 7), bool))
+    assert empty.to_dict()["box_xyxy"] is None and empty.to_dict()["mask_area"] == 0
+
+
 def test_import_oneref_is_light():
     code = "import sys, oneref; assert 'torch' not in sys.modules, 'torch'; print(oneref.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

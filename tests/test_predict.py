@@ -41,18 +41,23 @@ def test_one_query_box_in_image_pixels_json_and_drawing(make_cfg, tmp_path, trai
     cfg = _cfg(make_cfg, task, f"ckpt_path={ckpt}", f"image={imgs / 'wide.jpg'}", "text='the red circle'")
     rows = predict(cfg)
     assert len(rows) == 1
-    x1, y1, x2, y2 = rows[0]["box_xyxy"]
-    assert 0 <= x1 <= x2 <= 120 and 0 <= y1 <= y2 <= 70
     assert json.loads((tmp_path / "predictions.json").read_text()) == rows
     drawn = Image.open(rows[0]["drawn"])
     assert drawn.width == 120 and drawn.height > 70  # the image plus a caption strip
     if task == "res":
-        mask = np.asarray(Image.open(rows[0]["mask_png"]))
-        assert mask.shape == (70, 120) and rows[0]["mask_area"] == int((mask > 0).sum())
+        mask = np.asarray(Image.open(rows[0]["mask_png"])) > 0
+        assert mask.shape == (70, 120) and rows[0]["mask_area"] == int(mask.sum())
+        # the box of a RES model is its mask's bounding box (pixel edges), null for an empty mask
+        ys, xs = np.nonzero(mask)
+        want = None if not len(xs) else [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert rows[0]["box_xyxy"] == want
+    if rows[0]["box_xyxy"] is not None:
+        x1, y1, x2, y2 = rows[0]["box_xyxy"]
+        assert 0 <= x1 <= x2 <= 120 and 0 <= y1 <= y2 <= 70
 
 
 def test_batch_file_matches_single_queries_and_the_model(make_cfg, tmp_path, trained):
-    """Several queries in one batch give what each gives alone; the box equals the model's own
+    """Several queries in one batch give what each gives alone; a REC box equals the model's own
     output mapped back through the letterbox."""
     task, ckpt, imgs = trained
     lines = [
@@ -72,6 +77,10 @@ def test_batch_file_matches_single_queries_and_the_model(make_cfg, tmp_path, tra
             "draw=false",
         )
     )
+    if task == "res":  # the box is the mask's (test above); the masks agree batched or alone
+        assert batched[1]["box_xyxy"] == alone[0]["box_xyxy"]
+        assert batched[1]["mask_area"] == alone[0]["mask_area"]
+        return
     np.testing.assert_allclose(batched[1]["box_xyxy"], alone[0]["box_xyxy"], atol=0.02)
     # independent reference: the tall image (50x90) letterboxed to 64: ratio 64/90, left pad round(((64 - 36) / 2) - 0.1)
     module = GroundingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()

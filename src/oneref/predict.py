@@ -169,7 +169,9 @@ def print_predictions(rows: list[dict[str, Any]], seconds: float | None = None) 
     for col in ("image", "text", "box x1,y1,x2,y2"):
         table.add_column(col)
     for r in rows[:MAX_TABLE_ROWS]:
-        table.add_row(Path(r["image"]).name, r["text"], ", ".join(f"{v:.1f}" for v in r["box_xyxy"]))
+        box = r["box_xyxy"]
+        shown = "- (empty mask)" if box is None else ", ".join(f"{v:.1f}" for v in box)
+        table.add_row(Path(r["image"]).name, r["text"], shown)
     console = Console()
     console.print(table)
     if len(rows) > MAX_TABLE_ROWS:

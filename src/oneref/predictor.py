@@ -10,8 +10,10 @@
 network, its tokenizer and its preprocessing (the official evaluation letterbox). It reads every
 image with :func:`oneref.data.images.load_photo` (EXIF orientation, every Pillow mode, size
 limits), decodes images ahead of the model in a bounded thread pool, batches the queries, and maps
-every result back to the image as the user sees it: the box (xyxy) for every model, the mask at the
-image's size for RES models (by the rule of the original-resolution metrics, oneref.tasks.metrics).
+every result back to the image as the user sees it: for REC models the regressed box (xyxy); for
+RES models the mask at the image's size (by the rule of the original-resolution metrics,
+oneref.tasks.metrics) and, as the box, the mask's bounding box: the official RES recipes never
+train the box head, so its output would be noise.
 
 OneRef gives no confidence: its head regresses one box per expression, always, and nothing in the
 official model is trained to say how sure it is. A :class:`Prediction` therefore has no score.
@@ -94,22 +96,34 @@ class Prediction:
     rotation, before any downscaling)."""
 
     text: str
-    box_xyxy: np.ndarray  # float32 (4,): x1, y1, x2, y2, inside the image
+    # float32 (4,): x1, y1, x2, y2, inside the image. RES models: the mask's bounding box (pixel
+    # edges, so x2 - x1 is the mask's width), None when the mask is empty.
+    box_xyxy: np.ndarray | None
     image_size: tuple[int, int]  # (width, height)
     mask: np.ndarray | None = None  # bool (height, width), RES models only
     image: str = ""  # the image's name in messages: its path, "<PIL image>" or "<array>"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: image, text, box_xyxy (rounded to 0.01 px), image_size, mask_area (RES)."""
+        """JSON-ready: image, text, box_xyxy (rounded to 0.01 px; null for an empty RES mask),
+        image_size, mask_area (RES)."""
+        box = None if self.box_xyxy is None else [round(float(v), 2) for v in self.box_xyxy]
         out: dict[str, Any] = {
             "image": self.image,
             "text": self.text,
-            "box_xyxy": [round(float(v), 2) for v in self.box_xyxy],
+            "box_xyxy": box,
             "image_size": list(self.image_size),
         }
         if self.mask is not None:
             out["mask_area"] = int(self.mask.sum())
         return out
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """The bounding box (x1, y1, x2, y2, float32, pixel edges) of a bool (H, W) mask; None if empty."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    if not len(cols):
+        return None
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -336,10 +350,13 @@ class Predictor:
                     seg[k : k + 1], letterbox[k : k + 1], frame[k : k + 1], size, (h, w)
                 )
                 mask = photo.mask_to_original(m[0].numpy())
+                box = mask_box(mask)
+            else:
+                box = photo.box_to_original(boxes[k].numpy()).astype(np.float32)
             preds.append(
                 Prediction(
                     text=text,
-                    box_xyxy=photo.box_to_original(boxes[k].numpy()).astype(np.float32),
+                    box_xyxy=box,
                     image_size=photo.original_size,
                     mask=mask,
                     image=photo.name,
