@@ -22,11 +22,11 @@ from oneref.tasks.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 
-# Keys of the model config that configure training, not the architecture.
 # Epoch metrics come from torchmetrics' compute(), already reduced over all ranks and identical on
 # each: "sync" them with max, which returns that value exactly on any number of ranks (and tells
 # Lightning they are synchronised, instead of a warning per key under DDP).
 _SYNCED = {"sync_dist": True, "reduce_fx": "max"}
+# Keys of the model config that configure training, not the architecture.
 _RUNTIME_MODEL_KEYS = ("size", "compile", "compile_mode", "grad_checkpointing", "attention")
 
 
