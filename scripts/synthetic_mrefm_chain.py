@@ -7,8 +7,9 @@ For each seed: (a) ``rec``: ``task=rec`` for ``--steps`` steps from scratch; (b)
 ``task=mrefm`` for ``--mrefm-share`` of the steps, then ``task=rec`` for the rest with
 ``init_from`` the exported MRefM checkpoint; (c) ``rec-short``: ``task=rec`` from scratch for only
 as many steps as (b) fine-tunes, which tells whether the MRefM initialisation helps per REC step.
-``--conditions`` picks some of them. Both REC runs use the tiny model's synthetic recipe (conf/recipe/rec_tiny.yaml)
-with ``trainer.max_time`` off and the schedule stretched to their own number of steps. Writes one
+``--conditions`` picks some of them. The REC runs use the tiny model's synthetic recipe
+(conf/recipe/rec_tiny.yaml) with ``trainer.max_time`` off and the schedule stretched to their own
+number of steps. Writes one
 JSON record per run (test metrics, wall time) and prints a summary; the README reports it.
 """
 
@@ -78,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"paths.cache_dir={cache}", "report_baseline=false", *args.overrides]
     pre = round(args.steps * args.mrefm_share)
     records = []
+
+    def record(seconds: float, metrics: dict[str, float], **fields) -> None:
+        records.append({**fields, METRIC: metrics[METRIC], "seconds": seconds})
+        print(json.dumps(records[-1]), flush=True)
+
     for seed in args.seeds:
         base = [*common, f"seed={seed}"]
         if "rec" in args.conditions:
             metrics, secs = run([*base, *steps_overrides(args.steps)], work / f"rec_seed{seed}")
-            record = {"seed": seed, "condition": "rec", "steps": args.steps, METRIC: metrics[METRIC]}
-            records.append({**record, "seconds": secs})
-            print(json.dumps(records[-1]), flush=True)
+            record(secs, metrics, seed=seed, condition="rec", steps=args.steps)
         if "mrefm+rec" in args.conditions:
             _, pre_secs = run([*base, "task=mrefm", *steps_overrides(pre)], work / f"mrefm_seed{seed}")
             exported = work / "logs" / "mrefm_tiny_synthetic" / "last.ckpt"
@@ -92,15 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                 [*base, *steps_overrides(args.steps - pre), f"init_from={exported}"],
                 work / f"mrefm_rec_seed{seed}",
             )
-            record = {"seed": seed, "condition": "mrefm+rec", "steps": args.steps, "mrefm_steps": pre}
-            records.append({**record, METRIC: metrics[METRIC], "seconds": pre_secs + secs})
-            print(json.dumps(records[-1]), flush=True)
+            record(
+                pre_secs + secs, metrics, seed=seed, condition="mrefm+rec", steps=args.steps, mrefm_steps=pre
+            )
         if "rec-short" in args.conditions:
             short = args.steps - pre
             metrics, secs = run([*base, *steps_overrides(short)], work / f"rec_short_seed{seed}")
-            record = {"seed": seed, "condition": "rec-short", "steps": short, METRIC: metrics[METRIC]}
-            records.append({**record, "seconds": secs})
-            print(json.dumps(records[-1]), flush=True)
+            record(secs, metrics, seed=seed, condition="rec-short", steps=short)
     Path(args.out).write_text(json.dumps(records, indent=1))
     for condition in args.conditions:
         values = [r[METRIC] for r in records if r["condition"] == condition]

@@ -4,7 +4,7 @@
 
     model = oneref.load("best.ckpt")  # or a checkpoint folder, or OneRef_B_refcoco.pth, tokenizer="beit3.spm"
     pred = model.predict("photo.jpg", "the man in red on the left")
-    print(pred.box_xyxy)  # x1, y1, x2, y2 in the photo's own pixels
+    x1, y1, x2, y2 = pred.box_xyxy  # in the photo's own pixels
 
 ``load``, ``Predictor`` and ``Prediction`` (oneref.predictor) are imported on first use, so that
 ``import oneref`` stays light (no torch until a model is loaded).

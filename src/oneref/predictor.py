@@ -4,7 +4,7 @@
 
     model = oneref.load("best.ckpt")  # our .ckpt, a checkpoint folder, or an official .pth + tokenizer=
     pred = model.predict("photo.jpg", "the man in red on the left")
-    print(pred.box_xyxy)  # x1, y1, x2, y2 in the photo's own pixels, as every viewer shows it
+    x1, y1, x2, y2 = pred.box_xyxy  # in the photo's own pixels, as every viewer shows it
 
 :func:`load` builds a :class:`Predictor` from any checkpoint the CLI takes. The Predictor holds the
 network, its tokenizer and its preprocessing (the official evaluation letterbox). It reads every
@@ -120,6 +120,7 @@ class Prediction:
 
 def mask_box(mask: np.ndarray) -> np.ndarray | None:
     """The bounding box (x1, y1, x2, y2, float32, pixel edges) of a bool (H, W) mask; None if empty."""
+    # not torchvision's masks_to_boxes: a tensor in, inclusive pixel indices out, zeros when empty
     cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
     if not len(cols):
         return None
