@@ -67,6 +67,17 @@ def test_evaluate_every_split_with_paper_metric_names(make_cfg, tmp_path, tiny_c
     assert metrics[prefix + "acc@0.5"] == pytest.approx((iou >= 0.5).float().mean().item(), abs=1e-6)
 
 
+def test_the_data_follows_the_checkpoints_task_not_the_composed_one(make_cfg, tmp_path, tiny_ckpt):
+    """``python -m oneref.eval ckpt_path=RES.ckpt`` (task=rec composed by default) scores the RES
+    model against the object masks, as with task=res; a REC model against boxes either way."""
+    task, ckpt = tiny_ckpt
+    other = "rec" if task == "res" else "res"
+    metrics = _eval(make_cfg, tmp_path, other, ckpt)
+    written = json.loads((tmp_path / f"metrics_{Path(ckpt).name}.json").read_text())
+    assert written["config"]["data"]["seg_masks"] is (task == "res")
+    assert metrics == pytest.approx(_eval(make_cfg, tmp_path, task, ckpt))
+
+
 def test_official_layout_and_folder_give_the_same_numbers(make_cfg, tmp_path, tiny_ckpt, one_thread):
     task, ckpt = tiny_ckpt
     ours = _eval(make_cfg, tmp_path, task, ckpt)

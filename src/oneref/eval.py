@@ -4,7 +4,8 @@
     python -m oneref.eval ckpt_path=official/refcoco_base.pth ckpt_format=official data=refcoco model=base
 
 ckpt_path is one of our Lightning .ckpt files, a converted checkpoint folder, or an official
-OneRef .pth (then give ckpt_format=official; the architecture comes from ``model``).
+OneRef .pth (then give ckpt_format=official; the architecture comes from ``model``). Our .ckpt
+files carry their task; the data follows the loaded model (a mask head is scored on object masks).
 Prints a table (datasets x splits) and writes every metric to JSON.
 """
 
@@ -48,8 +49,9 @@ def results_table(metrics: dict[str, float], dataset: str) -> Table:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = factory.build_datamodule(cfg)
     module = factory.load_module(cfg)
+    factory.match_data_to_module(cfg, module)
+    datamodule = factory.build_datamodule(cfg)
     trainer = factory.build_trainer(cfg, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}

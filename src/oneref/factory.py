@@ -129,6 +129,20 @@ def apply_folder_architecture(cfg: DictConfig, path: str | Path) -> None:
             cfg.model[k] = v
 
 
+def match_data_to_module(cfg: DictConfig, module: GroundingModule) -> None:
+    """Evaluation data follows the loaded model, not the composed ``task``: a model with a mask
+    head is scored against the object masks (``data.seg_masks``, as every official RES recipe
+    pairs ``--use_mask_loss`` with ``--enable_seg_mask``), a box model against box rectangles. A
+    RES ``.ckpt`` evaluated without ``task=res`` was otherwise scored against its boxes."""
+    masks = bool(module.model.cfg.seg_head)
+    if bool(cfg.data.get("seg_masks", False)) != masks:
+        log.info(
+            "data.seg_masks=%s: the checkpoint's model %s a mask head", masks, "has" if masks else "has no"
+        )
+        with open_dict(cfg):
+            cfg.data.seg_masks = masks
+
+
 def load_module(cfg: DictConfig) -> GroundingModule:
     """The module of ``cfg.ckpt_path``: one of our Lightning ``.ckpt`` files (its own architecture
     and task), a converted checkpoint folder (its own architecture) or an official ``.pth``
