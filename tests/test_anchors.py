@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import GOLDEN_ROOT
+from helpers.golden import GOLDEN_ROOT
 from oneref.data.anchors import (
     Anchors,
     RuleAnchorParser,

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 import oneref
-from conftest import train_tiny_checkpoint
+from helpers.compose import train_tiny_checkpoint
 from oneref.checkpoint import CheckpointError, load_checkpoint_file, save_folder, to_official
 from oneref.checkpoint.folder import DEFAULT_MAX_QUERY_LEN
 from oneref.data.images import DEFAULT_BACKGROUND, ImageError, load_photo

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from conftest import KEY_FILE
+from helpers.golden import KEY_FILE
 from oneref.checkpoint import (
     CheckpointError,
     LoadError,

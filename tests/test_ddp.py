@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import TINY_SYNTHETIC, train_tiny_checkpoint
+from helpers.compose import TINY_SYNTHETIC, train_tiny_checkpoint
 from oneref.checkpoint import CheckpointError
 from oneref.checkpoint.resume import newest_intact_checkpoint, resolve_ckpt_path
 from oneref.data.datamodule import ShardSampler

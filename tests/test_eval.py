@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import train_tiny_checkpoint
+from helpers.compose import train_tiny_checkpoint
 from oneref.checkpoint import save_folder, to_official
 from oneref.eval import evaluate
 from oneref.tasks.grounding import GroundingModule

@@ -14,7 +14,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import KEY_FILE, TINY_SYNTHETIC
+from helpers.compose import TINY_SYNTHETIC
+from helpers.golden import KEY_FILE
 from oneref.checkpoint import load_checkpoint_file, load_model, load_pretrained, to_official
 from oneref.config import config_dir
 from oneref.factory import build_module

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import GOLDEN_ROOT
+from helpers.golden import GOLDEN_ROOT
 from oneref.data.anchors import RuleAnchorParser, anchor_piece_indices
 from oneref.data.datamodule import RefDataModule
 from oneref.data.datasets import RefCollate, RefDataset

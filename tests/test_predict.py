@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 import oneref
-from conftest import train_tiny_checkpoint
+from helpers.compose import train_tiny_checkpoint
 from oneref.checkpoint import CheckpointError, load_checkpoint_file, save_folder, to_official
 from oneref.predict import cli as predict_cli
 from oneref.predict import predict

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 from pycocotools import mask as coco_mask
 
-from conftest import golden_part
+from helpers.golden import golden_part
 from oneref.data.transforms import (
     AugmentConfig,
     ObjMask,
