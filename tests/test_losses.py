@@ -16,6 +16,7 @@ from oneref.models.oneref import OneRef
 from oneref.parity import golden_config
 from oneref.tasks.losses import (
     GroundingCriterion,
+    LossFlags,
     box_giou,
     box_l1,
     box_mask_constraint,
@@ -63,15 +64,7 @@ def run_model(model: OneRef, inputs: dict, mim: bool) -> dict:
 
 
 def criterion_for(case: dict) -> GroundingCriterion:
-    a = case["relevant_args"]
-    return GroundingCriterion(
-        use_regress_box=a["use_regress_box"],
-        use_box_mask_constraints=a["use_box_mask_constraints"] or a["enable_dynamic_mim"],
-        use_mask_loss=a["use_mask_loss"],
-        use_contrastive_loss=a["use_contrastive_loss"],
-        enable_mim=a["enable_ref_mim"],
-        enable_mim_vts=a["enable_mim_vts"],
-    )
+    return GroundingCriterion(LossFlags.from_official_args(case["relevant_args"]))
 
 
 def targets_for(case: dict, inputs: dict) -> dict:
@@ -290,7 +283,7 @@ def test_gradients_flow_and_are_finite() -> None:
     outputs, targets = _synthetic_outputs()
     outputs = {k: v.clone().requires_grad_() for k, v in outputs.items()}
     scale = torch.tensor(2.6593, requires_grad=True)
-    losses = GroundingCriterion(**ALL_ON)(outputs, targets, logit_scale=scale)
+    losses = GroundingCriterion(LossFlags(**ALL_ON))(outputs, targets, logit_scale=scale)
     assert len(losses) == 10
     losses["loss"].backward()
     for key, value in outputs.items():
@@ -324,7 +317,7 @@ def test_gradcheck_float64() -> None:
 def test_bf16_autocast_inputs_give_fp32_losses() -> None:
     outputs, targets = _synthetic_outputs(seed=2)
     bf16 = {k: v.to(torch.bfloat16) for k, v in outputs.items()}
-    criterion = GroundingCriterion(**ALL_ON)
+    criterion = GroundingCriterion(LossFlags(**ALL_ON))
     scale = torch.tensor(2.6593)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = criterion(bf16, targets, logit_scale=scale)
@@ -338,21 +331,21 @@ def test_criterion_errors_name_the_missing_key() -> None:
     outputs, targets = _synthetic_outputs()
     del outputs["seg_mask"]
     with pytest.raises(KeyError, match="seg_mask"):
-        GroundingCriterion(use_mask_loss=True)(outputs, targets)
+        GroundingCriterion(LossFlags(use_mask_loss=True))(outputs, targets)
     with pytest.raises(KeyError, match="logit_scale"):
-        GroundingCriterion(use_contrastive_loss=True)(outputs, targets)
+        GroundingCriterion(LossFlags(use_contrastive_loss=True))(outputs, targets)
     del targets["mim_codes"]
     with pytest.raises(KeyError, match="mim_codes"):
-        GroundingCriterion(enable_mim=True)(outputs, targets)
+        GroundingCriterion(LossFlags(enable_mim=True))(outputs, targets)
     with pytest.raises(ValueError, match="enable_mim"):
-        GroundingCriterion(enable_mim_vts=True)
+        LossFlags(enable_mim_vts=True)
 
 
 def test_mim_terms_only_on_mim_steps() -> None:
     outputs, targets = _synthetic_outputs()
     outputs.pop("mim_logits")
     outputs.pop("mim_vts_pred")
-    losses = GroundingCriterion(use_regress_box=False, enable_mim=True, enable_mim_vts=True)(outputs, targets)
+    losses = GroundingCriterion(LossFlags(use_box_mask_constraints=True, enable_mim=True, enable_mim_vts=True))(outputs, targets)
     assert list(losses) == ["loss_mrm_focal", "loss_mrm_dice", "loss"]
 
 
@@ -409,3 +402,51 @@ def test_clip_loss_gathers_across_ranks_with_gradients() -> None:
         rows = slice(r * 2, r * 2 + 2)
         torch.testing.assert_close(results[r]["gv"], v.grad[rows])
         torch.testing.assert_close(results[r]["gt"], t.grad[rows])
+
+
+# -- the loss flags ----------------------------------------------------------------------------------
+def test_loss_flags_from_official_args_are_the_golden_cases_flags(golden: dict) -> None:
+    for name, case in golden["cases"].items():
+        a = case["relevant_args"]
+        flags = LossFlags.from_official_args(a)
+        assert flags == LossFlags(
+            use_regress_box=a["use_regress_box"],
+            use_box_mask_constraints=a["use_box_mask_constraints"] or a["enable_dynamic_mim"],
+            use_mask_loss=a["use_mask_loss"],
+            use_contrastive_loss=a["use_contrastive_loss"],
+            enable_mim=a["enable_ref_mim"],
+            enable_mim_vts=a["enable_mim_vts"],
+            enable_mlm=a["enable_ref_mlm"],
+            enable_mlm_sts=a["enable_mlm_sts"],
+        ), name
+    # an argparse Namespace reads the same; a switch it lacks is off, as under store_true
+    import argparse
+
+    a = golden["cases"]["rec"]["relevant_args"]
+    assert LossFlags.from_official_args(argparse.Namespace(**a)) == LossFlags.from_official_args(a)
+    assert LossFlags.from_official_args({}) == LossFlags()
+
+
+@pytest.mark.parametrize(
+    ("task", "official"),
+    [  # the switches of the official scripts of each stage
+        ("rec", {"use_regress_box": True, "use_box_mask_constraints": True}),
+        ("res", {"use_mask_loss": True, "enable_seg_mask": True}),
+        ("mrefm", {"enable_dynamic_mim": True, "enable_ref_mim": True, "enable_ref_mlm": True}),
+    ],
+)
+def test_the_task_configs_run_the_official_losses(make_cfg, task: str, official: dict) -> None:
+    cfg = make_cfg(f"task={task}")
+    forced = {"enable_mim": True, "enable_mlm": True} if task == "mrefm" else {}
+    assert LossFlags.from_config(cfg.task.losses, **forced) == LossFlags.from_official_args(official)
+
+
+def test_loss_flags_bad_config_is_a_user_error() -> None:
+    from oneref.errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown loss flag\(s\) \['use_regress_boxes'\]"):
+        LossFlags.from_config({"use_regress_boxes": True})
+    with pytest.raises(UserError, match="enable_mlm_sts=True needs enable_mlm=True"):
+        LossFlags.from_config({"enable_mlm_sts": True})
+    with pytest.raises(UserError, match="unknown MLM loss option"):
+        GroundingCriterion(LossFlags(enable_mlm=True), mlm={"smoothing": 0.1})

@@ -124,3 +124,53 @@ def test_text_longer_than_the_position_table_is_an_error() -> None:
     ids = torch.zeros(2, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="exceed"):
         model(image, ids, torch.zeros(2, 8, dtype=torch.bool))
+
+
+# -- model.runtime: how the model runs, apart from what it is ----------------------------------------
+def test_model_runtime_split_round_trips_and_reads_old_checkpoints(make_cfg) -> None:
+    from oneref.config import to_container
+    from oneref.models.registry import config_from_options
+    from oneref.models.runtime import ModelRuntime, join_model_options, split_model_options
+
+    model = to_container(make_cfg("model=base", "model.runtime.attention=flex").model)
+    size, arch, runtime = split_model_options(model)
+    assert size == "base" and runtime == ModelRuntime(attention="flex")
+    assert "runtime" not in arch and set(arch) <= set(config_from_options(model).to_dict())
+    assert join_model_options(size, arch, runtime) == model
+    # our .ckpt files written before model.runtime carry its keys at the top level of `model`
+    old = {k: v for k, v in model.items() if k != "runtime"} | runtime.to_dict()
+    assert split_model_options(old) == (size, arch, runtime)
+    assert config_from_options(old) == config_from_options(model)
+
+
+def test_model_runtime_bad_keys_are_user_errors() -> None:
+    from oneref.errors import UserError
+    from oneref.models.runtime import split_model_options
+
+    with pytest.raises(UserError, match=r"model.runtime: unknown key\(s\) \['compiled'\]"):
+        split_model_options({"size": "tiny", "runtime": {"compiled": True}})
+    with pytest.raises(UserError, match=r"model: unknown key\(s\) \['embed_dims'\]"):
+        split_model_options({"size": "tiny", "embed_dims": 8})
+    with pytest.raises(UserError, match="model.runtime.attention must be one of"):
+        split_model_options({"size": "tiny", "runtime": {"attention": "flash"}})
+    with pytest.raises(UserError, match="disagree"):
+        split_model_options({"size": "tiny", "compile": True, "runtime": {"compile": False}})
+
+
+def test_module_hyperparameters_keep_runtime_and_training_facts_nested(make_cfg) -> None:
+    from oneref.config import to_container
+    from oneref.factory import build_module
+    from oneref.tasks.grounding import GroundingModule
+
+    cfg = make_cfg("model.runtime.grad_checkpointing=true")
+    module = build_module(cfg)
+    # no top-level `dataset`: Lightning merges these with the DataModule's for the loggers
+    assert "dataset" not in module.hparams and module.hparams.training == {"dataset": "synthetic"}
+    assert module.hparams.model["runtime"]["grad_checkpointing"] and module.model.beit3.grad_checkpointing
+    # hyperparameters of a checkpoint written before model.runtime and training
+    old_model = {k: v for k, v in to_container(cfg.model).items() if k != "runtime"}
+    old_model |= to_container(cfg.model.runtime)
+    torch.manual_seed(0)
+    old = GroundingModule(old_model, to_container(cfg.task), to_container(cfg.optim), dataset="refcoco")
+    assert old.dataset_name == "refcoco" and old.hparams.training == {"dataset": "refcoco"}
+    assert old.hparams.model == module.hparams.model and "dataset" not in old.hparams

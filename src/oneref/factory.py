@@ -48,7 +48,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
         model=to_container(cfg.model),
         task=to_container(cfg.task),
         optim=to_container(cfg.optim),
-        dataset=str(cfg.data.dataset),
+        training={"dataset": str(cfg.data.dataset)},
     )
 
 
@@ -209,11 +209,8 @@ def load_predictor(cfg: DictConfig) -> Predictor:
     """A :class:`~oneref.predictor.Predictor` for ``cfg.ckpt_path`` (any checkpoint the CLI takes),
     through :func:`oneref.predictor.load`. Our ``.ckpt`` files and checkpoint folders bring their
     architecture; an official file is built as the composed ``model`` and ``task`` say."""
-    from dataclasses import fields
-
     from oneref.checkpoint import CheckpointError
-    from oneref.models.oneref import OneRefConfig
-    from oneref.models.registry import model_config
+    from oneref.models.registry import config_from_options
     from oneref.predictor import load
 
     path = Path(str(cfg.ckpt_path)).expanduser()
@@ -222,10 +219,8 @@ def load_predictor(cfg: DictConfig) -> Predictor:
     fmt = cfg.get("ckpt_format")
     config = None
     if not (path.is_dir() or (path.suffix == ".ckpt" and fmt in (None, "lightning"))):
-        known = {f.name for f in fields(OneRefConfig)}
-        arch = {k: v for k, v in to_container(cfg.model).items() if k in known}
         try:
-            config = model_config(str(cfg.model.size), seg_head=cfg.task.name == "res", **arch)
+            config = config_from_options(to_container(cfg.model), seg_head=cfg.task.name == "res")
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"model={cfg.model.size} task={cfg.task.name}: {e}") from e
     photo = to_container(cfg.get("photo") or {})

@@ -22,7 +22,7 @@ from torch import Tensor
 from oneref.checkpoint import load_model
 from oneref.data.mrefm import mask_positions
 from oneref.models.oneref import OneRef, OneRefConfig
-from oneref.tasks.losses import GroundingCriterion, clip_loss, mlm_accuracy, mlm_loss
+from oneref.tasks.losses import GroundingCriterion, LossFlags, clip_loss, mlm_accuracy, mlm_loss
 
 PARITY_TOL = 1e-5
 
@@ -255,15 +255,7 @@ def _mlm_rows(m: Path) -> tuple[list[tuple[str, str, Any, str]], list[str]]:
             # official: labels of shape [B, 0] silently skip the term; ours refuses them (no labels)
             notes.append(f"{case_name}: skipped, the STS loss needs labels (the released splits have none)")
             continue
-        criterion = GroundingCriterion(
-            use_regress_box=flags["use_regress_box"],
-            use_box_mask_constraints=flags["use_box_mask_constraints"] or flags["enable_dynamic_mim"],
-            use_mask_loss=flags["use_mask_loss"],
-            enable_mim=flags["enable_ref_mim"],
-            enable_mim_vts=flags["enable_mim_vts"],
-            enable_mlm=flags["enable_ref_mlm"],
-            enable_mlm_sts=flags["enable_mlm_sts"],
-        )
+        criterion = GroundingCriterion(LossFlags.from_official_args(flags))
         outputs = mlm if case["step"] == "MLM" else mim
         with torch.no_grad():
             terms = criterion(outputs, targets, step=case["global_step"])

@@ -45,13 +45,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Query:
+class PredictInput:
     image: Path
     text: str
     where: str  # "queries.jsonl:3" or "image=": what error messages point at
 
 
-def read_queries(cfg: DictConfig) -> list[Query]:
+def read_queries(cfg: DictConfig) -> list[PredictInput]:
     """``image`` + ``text``, or ``inputs``: a JSON-lines file of {"image", "text"} (relative image
     paths are relative to the file). Checked before the checkpoint is loaded: every image exists,
     every expression has words."""
@@ -73,11 +73,11 @@ def read_queries(cfg: DictConfig) -> list[Query]:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: expected a JSON object with 'image' and 'text' ({e})") from e
             image = Path(image).expanduser()
-            queries.append(Query(image if image.is_absolute() else path.parent / image, text, f"{path}:{n}"))
+            queries.append(PredictInput(image if image.is_absolute() else path.parent / image, text, f"{path}:{n}"))
         if not queries:
             raise ValueError(f"{path} holds no queries")
     elif cfg.get("image") is not None and cfg.get("text") is not None:
-        queries = [Query(Path(str(cfg.image)).expanduser(), str(cfg.text), "image=")]
+        queries = [PredictInput(Path(str(cfg.image)).expanduser(), str(cfg.text), "image=")]
     else:
         raise ValueError("give image=PATH and text='...' or inputs=FILE.jsonl")
     for q in queries:

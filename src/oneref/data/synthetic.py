@@ -58,10 +58,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 180),
 }
 KINDS = ("circle", "square", "triangle", "diamond")
-SIZES = ("small", "big")
+SIZE_WORDS = ("small", "big")
 SIDES = ("left", "right", "top", "bottom")
 RELATIONS = ("left of", "right of", "above", "below")
-VOCABULARY = ("the", "shape", "on", "at", "of", "above", "below", *SIDES, *COLOURS, *KINDS, *SIZES)
+VOCABULARY = ("the", "shape", "on", "at", "of", "above", "below", *SIDES, *COLOURS, *KINDS, *SIZE_WORDS)
 
 
 @dataclass(frozen=True)
@@ -373,7 +373,7 @@ def _parse_desc(text: str) -> Desc:
         raise ValueError(f"not a description: {text!r}")
     size = colour = kind = None
     for wd in words[1:]:
-        if wd in SIZES:
+        if wd in SIZE_WORDS:
             size = wd
         elif wd in COLOURS:
             colour = wd
@@ -399,7 +399,7 @@ def _place(cfg: SyntheticConfig, w: int, h: int, rng: np.random.Generator) -> li
     long = max(w, h)
     objs: list[Obj] = []
     for _ in range(n):
-        size = SIZES[int(rng.integers(2))]
+        size = SIZE_WORDS[int(rng.integers(2))]
         lo, hi = cfg.small_size if size == "small" else cfg.big_size
         s = min(min(w, h) - 3, max(4, int(round(rng.uniform(lo, hi) * long))))
         for _try in range(30):

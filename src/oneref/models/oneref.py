@@ -65,7 +65,7 @@ class OneRefConfig(BEiT3Config):
 
 
 # -- the map of the model's parts --------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Part:
     """Parameters (and buffers) of the model that train, freeze, decay and convert together.
 
@@ -89,26 +89,26 @@ class Part:
 # Every tensor of OneRef is in exactly one row (tests/test_model.py checks it). The parts are what
 # the losses reach (oneref.tasks.losses.LOSS_REACH): a part no enabled loss reaches is frozen.
 PARTS: tuple[Part, ...] = (
-    Part("logit_scale", "logit_scale", "grounding", decay=False),  # contrastive temperature
-    Part("beit3.text_embed.", "backbone", "backbone", "embed"),
+    Part(prefix="logit_scale", part="logit_scale", key_group="grounding", decay=False),  # contrastive temperature
+    Part(prefix="beit3.text_embed.", part="backbone", key_group="backbone", layer="embed"),
     # only masked image modelling reads the mask token
-    Part("beit3.vision_embed.mask_token", "mask_token", "backbone", "embed", decay=False),
-    Part("beit3.vision_embed.cls_token", "backbone", "backbone", "embed", decay=False),
-    Part("beit3.vision_embed.proj.", "backbone", "backbone", "embed"),
-    Part("beit3.encoder.embed_positions.", "backbone", "backbone", "embed", decay=False),
-    Part("beit3.encoder.layers.", "backbone", "backbone", "block"),
-    Part("beit3.encoder.layer_norm.", "backbone", "backbone", "head"),
-    Part("language_head.", "language_head", "grounding"),
-    Part("vision_head.", "vision_head", "grounding"),
-    Part("bbox_embed.", "box_head", "grounding"),
-    Part("visu_proj.", "box_head", "grounding"),
+    Part(prefix="beit3.vision_embed.mask_token", part="mask_token", key_group="backbone", layer="embed", decay=False),
+    Part(prefix="beit3.vision_embed.cls_token", part="backbone", key_group="backbone", layer="embed", decay=False),
+    Part(prefix="beit3.vision_embed.proj.", part="backbone", key_group="backbone", layer="embed"),
+    Part(prefix="beit3.encoder.embed_positions.", part="backbone", key_group="backbone", layer="embed", decay=False),
+    Part(prefix="beit3.encoder.layers.", part="backbone", key_group="backbone", layer="block"),
+    Part(prefix="beit3.encoder.layer_norm.", part="backbone", key_group="backbone", layer="head"),
+    Part(prefix="language_head.", part="language_head", key_group="grounding"),
+    Part(prefix="vision_head.", part="vision_head", key_group="grounding"),
+    Part(prefix="bbox_embed.", part="box_head", key_group="grounding"),
+    Part(prefix="visu_proj.", part="box_head", key_group="grounding"),
     # in every official checkpoint, never used by its forward (official models/OneRef_model.py)
-    Part("text_proj.", "text_proj", "grounding"),
-    *(Part(f"{m}{i}.", "seg_head", "seg") for i in (1, 2, 3) for m in ("seg_conv", "bn")),
-    Part("mim_head.", "mim_head", "mim"),
-    Part("mim_vts_head.", "mim_vts_head", "mim"),
-    Part("mlm_head.", "mlm_head", "mlm"),
-    Part("mlm_sts_head.", "mlm_sts_head", "mlm"),
+    Part(prefix="text_proj.", part="text_proj", key_group="grounding"),
+    *(Part(prefix=f"{m}{i}.", part="seg_head", key_group="seg") for i in (1, 2, 3) for m in ("seg_conv", "bn")),
+    Part(prefix="mim_head.", part="mim_head", key_group="mim"),
+    Part(prefix="mim_vts_head.", part="mim_vts_head", key_group="mim"),
+    Part(prefix="mlm_head.", part="mlm_head", key_group="mlm"),
+    Part(prefix="mlm_sts_head.", part="mlm_sts_head", key_group="mlm"),
 )
 KEY_GROUPS: tuple[str, ...] = ("backbone", "grounding", "seg", "mim", "mlm")
 BACKBONE_PARTS: frozenset[str] = frozenset({"backbone", "mask_token"})

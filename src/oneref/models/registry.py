@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from oneref.models.oneref import OneRef, OneRefConfig
+from oneref.models.runtime import split_model_options
 
 SIZES: dict[str, dict[str, int]] = {
     # CPU-friendly size for the embedded synthetic default and for tests (conf/model/tiny.yaml adds
@@ -22,6 +24,12 @@ def model_config(size: str, **overrides: Any) -> OneRefConfig:
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
     return OneRefConfig(**{**SIZES[size], **overrides})
+
+
+def config_from_options(model: Mapping[str, Any], **heads: Any) -> OneRefConfig:
+    """The OneRefConfig of a ``model`` config (its runtime options aside) with the task's heads."""
+    size, architecture, _ = split_model_options(model)
+    return model_config(size, **architecture, **heads)
 
 
 def create_model(size: str, **overrides: Any) -> OneRef:

@@ -9,16 +9,13 @@ lets DDP run without ``find_unused_parameters``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 from torch import Tensor, nn
 
-from oneref.models.oneref import BACKBONE_PARTS, OneRef
-from oneref.models.registry import model_config
-from oneref.tasks.losses import GroundingCriterion
+from oneref.tasks.base import OneRefModule
 from oneref.tasks.metrics import RECMetrics, RESMetrics
-from oneref.tasks.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -26,84 +23,29 @@ log = logging.getLogger(__name__)
 # each: "sync" them with max, which returns that value exactly on any number of ranks (and tells
 # Lightning they are synchronised, instead of a warning per key under DDP).
 _SYNCED = {"sync_dist": True, "reduce_fx": "max"}
-# Keys of the model config that configure training, not the architecture.
-_RUNTIME_MODEL_KEYS = ("size", "compile", "compile_mode", "grad_checkpointing", "attention")
 
 
-def build_model(model: dict[str, Any], seg_head: bool = False, **extra: Any) -> OneRef:
-    arch = {k: v for k, v in model.items() if k not in _RUNTIME_MODEL_KEYS}
-    return OneRef(model_config(model["size"], seg_head=seg_head, **arch, **extra))
+class GroundingModule(OneRefModule):
+    """REC (box) or RES (mask) transfer. Args as :class:`oneref.tasks.base.OneRefModule`; ``task``
+    holds ``name`` (rec | res), ``frozen_backbone``, ``losses`` (official flags),
+    ``val_images_every_n_epochs`` and ``original_resolution`` (metrics against the original
+    annotations instead of the letterbox; see oneref.tasks.metrics)."""
 
+    TASKS = ("rec", "res")
 
-def embed_tokenizer(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Put the training tokenizer into a checkpoint (a sentencepiece model is ~1 MB), so that
-    evaluating or predicting from the file needs nothing else (oneref.factory.resolve_tokenizer)."""
-    tokenizer = getattr(getattr(module._trainer, "datamodule", None), "tokenizer", None)
-    if tokenizer is not None:
-        checkpoint["tokenizer"] = {
-            "model": tokenizer.serialized(),
-            "max_query_len": tokenizer.max_query_len,
-            "source": tokenizer.model_path,
-        }
-
-
-class GroundingModule(L.LightningModule):
-    """REC (box) or RES (mask) transfer.
-
-    Args are plain containers (saved as hyperparameters, so our checkpoints load under
-    ``torch.load(weights_only=True)``):
-        model: size name plus OneRefConfig overrides, ``compile`` and ``grad_checkpointing``.
-        task: ``name`` (rec | res), ``frozen_backbone``, ``losses`` (official flags),
-            ``val_images_every_n_epochs``, ``original_resolution`` (metrics against the original
-            annotations instead of the letterbox; see oneref.tasks.metrics).
-        optim: see conf/optim/adamw.yaml.
-        dataset: dataset name, used in test metric names.
-        architecture: ignored on input; saved as the resolved OneRefConfig (for load_model).
-    """
-
-    def __init__(
-        self,
-        model: dict[str, Any],
-        task: dict[str, Any],
-        optim: dict[str, Any],
-        dataset: str = "data",
-        architecture: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        name = task["name"]
-        if name not in ("rec", "res"):
-            raise ValueError(f"task.name must be 'rec' or 'res', got {name!r}")
-        self.is_res = name == "res"
-        self.dataset_name = dataset
-        self.model = build_model(model, seg_head=self.is_res)
-        # The resolved OneRefConfig, so that load_model() rebuilds the model from a .ckpt alone.
-        self.hparams["architecture"] = self.model.cfg.to_dict()
-        if model.get("grad_checkpointing"):
-            self.model.set_grad_checkpointing(True)
-        self.model.beit3.set_attention(model.get("attention") or "sdpa")
-        losses = dict(task.get("losses", {}))
-        self.criterion = GroundingCriterion(
-            similarity_temperature=self.model.cfg.similarity_temperature, **losses
-        )
-        self._freeze_unreached(bool(task.get("frozen_backbone", False)))
+    def __init__(self, model: dict[str, Any], task: dict[str, Any], optim: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(model, task, optim, **kwargs)
+        self.freeze_unreached(bool(task.get("frozen_backbone", False)))
         self.set_original_resolution(bool(task.get("original_resolution", False)))
 
-    # -- setup --------------------------------------------------------------------------------
-    def _freeze_unreached(self, frozen_backbone: bool) -> None:
-        """Train exactly the parts that an enabled loss reaches (oneref.tasks.losses.LOSS_REACH)."""
-        trainable = self.criterion.reached_parts() & self.model.parts()
-        if frozen_backbone:  # official --frozen_backbone: every beit3.* parameter
-            trainable -= BACKBONE_PARTS
-        if not trainable:
-            raise ValueError("no enabled loss reaches any trainable parameter: check task.losses")
-        self.model.set_trainable(trainable)
-        log.info(
-            "trained parts: %s; frozen: %s",
-            ", ".join(sorted(trainable)),
-            ", ".join(sorted(self.model.parts() - trainable)) or "none",
-        )
+    @property
+    def is_res(self) -> bool:
+        return self.hparams.task["name"] == "res"
 
+    def heads(self, task: Mapping[str, Any]) -> dict[str, Any]:
+        return {"seg_head": task["name"] == "res"}
+
+    # -- setup --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         from oneref.distributed import GlobalBatchNorm2d
 
@@ -111,19 +53,12 @@ class GroundingModule(L.LightningModule):
         if sync:  # trainer.sync_batchnorm=true: the seg head's BatchNorms see the global batch
             log.info("%d synchronised BatchNorm layers", sync)
 
-    def configure_model(self) -> None:
-        if self.hparams.model.get("compile"):
-            self.model.compile_layers(self.hparams.model.get("compile_mode"))
-
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         names = list(getattr(dm, "test_split_names", []) or [])
         if stage in ("test", "fit") and names and names != self.test_split_names:
             self.test_split_names = names
             self.test_metrics = nn.ModuleList(self._metric_group() for _ in names)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        embed_tokenizer(self, checkpoint)
 
     def set_original_resolution(self, value: bool) -> None:
         """Metric protocol: False (official) measures in the S x S letterbox, True against the
@@ -212,6 +147,3 @@ class GroundingModule(L.LightningModule):
                 metric.reset()
         self.log_dict(metrics, add_dataloader_idx=False, **_SYNCED)
 
-    # -- optimisation -------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_optimizers(self, self.model, self.hparams.optim)

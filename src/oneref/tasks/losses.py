@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from oneref.data.transforms import nearest_indices
+from oneref.errors import UserError
 
 FOCAL_WEIGHT = 20.0  # hard-coded in the official one_ref_loss
 DICE_WEIGHT = 2.0
@@ -220,10 +222,78 @@ def mim_vts_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).abs().sum(-1).mean()
 
 
-# -- what each loss trains ---------------------------------------------------------------------------
-# Model parts (oneref.models.oneref.PARTS) that each official loss flag sends gradients to. Training
-# freezes every part no enabled loss reaches: the official code leaves them without gradients, so
-# AdamW skips them (same numbers), and DDP then needs no find_unused_parameters.
+# -- which losses run ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossFlags:
+    """Which OneRef losses run: the official ``train_oneref.py`` switches, off by default as there
+    (argparse ``store_true``).
+
+    ``use_box_mask_constraints`` stands for the official ``--use_box_mask_constraints or
+    --enable_dynamic_mim``; ``enable_mim`` for ``--enable_ref_mim`` (the MIM terms are added only
+    on MIM steps, when the outputs carry ``mim_logits``); ``enable_mlm`` for ``--enable_ref_mlm``
+    (only on MLM steps); the others have the official names.
+    """
+
+    use_regress_box: bool = False
+    use_box_mask_constraints: bool = False
+    use_mask_loss: bool = False
+    use_contrastive_loss: bool = False
+    enable_mim: bool = False
+    enable_mim_vts: bool = False
+    enable_mlm: bool = False
+    enable_mlm_sts: bool = False
+
+    def __post_init__(self) -> None:
+        if self.enable_mim_vts and not self.enable_mim:
+            raise ValueError("enable_mim_vts=True needs enable_mim=True (the VTS loss is part of the MIM step)")
+        if self.enable_mlm_sts and not self.enable_mlm:
+            raise ValueError("enable_mlm_sts=True needs enable_mlm=True (the STS loss is part of the MLM step)")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_official_args(cls, args: Mapping[str, Any] | Any) -> LossFlags:
+        """The flags of an official run from its ``args`` (an ``argparse.Namespace`` or a mapping,
+        e.g. a golden set's ``relevant_args``); a switch it lacks is off, as under argparse."""
+        get = args.get if isinstance(args, Mapping) else lambda k, d=None: getattr(args, k, d)
+        return cls(
+            use_regress_box=bool(get("use_regress_box", False)),
+            use_box_mask_constraints=bool(get("use_box_mask_constraints", False))
+            or bool(get("enable_dynamic_mim", False)),
+            use_mask_loss=bool(get("use_mask_loss", False)),
+            use_contrastive_loss=bool(get("use_contrastive_loss", False)),
+            enable_mim=bool(get("enable_ref_mim", False)),
+            enable_mim_vts=bool(get("enable_mim_vts", False)),
+            enable_mlm=bool(get("enable_ref_mlm", False)),
+            enable_mlm_sts=bool(get("enable_mlm_sts", False)),
+        )
+
+    @classmethod
+    def from_config(cls, losses: Mapping[str, Any], **forced: bool) -> LossFlags:
+        """The flags of a ``task.losses`` mapping (its ``mlm`` options aside); ``forced`` flags
+        are what the task always runs. An unknown key is a :class:`oneref.errors.UserError`."""
+        flags = {k: v for k, v in losses.items() if k != "mlm"}
+        unknown = sorted(set(flags) - set(cls.names()))
+        if unknown:
+            raise UserError(f"task.losses: unknown loss flag(s) {unknown}; known: {list(cls.names())} and mlm")
+        try:
+            return cls(**{k: bool(v) for k, v in {**flags, **forced}.items()})
+        except ValueError as e:
+            raise UserError(f"task.losses: {e}") from e
+
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(name for name in self.names() if getattr(self, name))
+
+    def reached_parts(self) -> set[str]:
+        """The model parts that the enabled losses train (see LOSS_REACH)."""
+        return set().union(*(LOSS_REACH[name] for name in self.enabled()))
+
+
+# Model parts (oneref.models.oneref.PARTS) that each loss flag sends gradients to. Training freezes
+# every part no enabled loss reaches: the official code leaves them without gradients, so AdamW
+# skips them (same numbers), and DDP then needs no find_unused_parameters.
 _SIMILARITY = frozenset({"backbone", "vision_head", "language_head"})  # the patch-text cosines
 LOSS_REACH: dict[str, frozenset[str]] = {
     "use_regress_box": _SIMILARITY | {"box_head"},  # the box pools visu_proj patches by the cosines
@@ -235,14 +305,6 @@ LOSS_REACH: dict[str, frozenset[str]] = {
     "enable_mlm": frozenset({"backbone", "mlm_head"}),  # raw text features at the masked positions
     "enable_mlm_sts": _SIMILARITY | {"mlm_sts_head"},  # vision cls . normalised language_head(text)
 }
-
-
-def reached_parts(flags: Mapping[str, object]) -> set[str]:
-    """The model parts that the enabled loss flags train (see LOSS_REACH)."""
-    unknown = sorted(k for k in flags if k not in LOSS_REACH and k != "similarity_temperature")
-    if unknown:
-        raise ValueError(f"unknown loss flag(s) {unknown}; known: {sorted(LOSS_REACH)}")
-    return set().union(*(LOSS_REACH[k] for k, on in flags.items() if on and k in LOSS_REACH))
 
 
 def _flat_rows(logits: Tensor, labels: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -355,15 +417,10 @@ def mlm_sts_loss(sts_scores: Tensor, labels: Tensor, double_softmax: bool = True
 
 # -- criterion -------------------------------------------------------------------------------------
 class GroundingCriterion(nn.Module):
-    """All OneRef training losses, switched by the official flags.
+    """All OneRef training losses, switched by :class:`LossFlags`.
 
-    ``use_box_mask_constraints`` stands for the official ``--use_box_mask_constraints or
-    --enable_dynamic_mim``; ``enable_mim`` for ``--enable_ref_mim`` (the MIM terms are added only
-    when the outputs carry ``mim_logits``, i.e. on MIM steps); ``enable_mim_vts`` for
-    ``--enable_mim_vts``. ``enable_mlm`` stands for ``--enable_ref_mlm`` (added only when the
-    outputs carry ``mlm_logits``, i.e. on MLM steps) with the ``mlm`` options of :func:`mlm_loss`;
-    ``enable_mlm_sts`` for ``--enable_mlm_sts``. ``similarity_temperature`` is the non-official
-    temperature of the box-mask constraint (None = official).
+    ``similarity_temperature`` is the non-official temperature of the box-mask constraint (None =
+    official); ``mlm`` the options of :func:`mlm_loss`.
 
     ``forward(outputs, targets, logit_scale=None, step=0)``: ``outputs`` holds the model's
     ``pred_box``, ``visu_sim``, ``seg_mask``, ``vision_cls``, ``language_cls``, ``mim_logits``,
@@ -377,68 +434,31 @@ class GroundingCriterion(nn.Module):
     ``loss``, their sum. Everything is computed in float32, outside autocast.
     """
 
+    MLM_OPTIONS = ("label_smoothing", "drop_worst_ratio", "drop_worst_after", "keep_at_least_one")
+
     def __init__(
         self,
-        use_regress_box: bool = True,
-        use_box_mask_constraints: bool = True,
-        use_mask_loss: bool = False,
-        use_contrastive_loss: bool = False,
-        enable_mim: bool = False,
-        enable_mim_vts: bool = False,
-        enable_mlm: bool = False,
-        enable_mlm_sts: bool = False,
+        flags: LossFlags,
         similarity_temperature: float | None = None,
         mlm: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.enable_mlm = enable_mlm
-        self.enable_mlm_sts = enable_mlm_sts
-        self.mlm = dict(mlm or {})  # label_smoothing, drop_worst_ratio, drop_worst_after, keep_at_least_one
-        unknown = set(self.mlm) - {
-            "label_smoothing",
-            "drop_worst_ratio",
-            "drop_worst_after",
-            "keep_at_least_one",
-        }
-        if unknown:
-            raise ValueError(f"unknown MLM loss option(s) {sorted(unknown)}")
-        if enable_mlm_sts and not enable_mlm:
-            raise ValueError(
-                "enable_mlm_sts=True needs enable_mlm=True (the STS loss is part of the MLM step)"
-            )
-        self.use_regress_box = use_regress_box
-        self.use_box_mask_constraints = use_box_mask_constraints
-        self.use_mask_loss = use_mask_loss
-        self.use_contrastive_loss = use_contrastive_loss
-        self.enable_mim = enable_mim
-        self.enable_mim_vts = enable_mim_vts
+        if not isinstance(flags, LossFlags):
+            raise TypeError(f"GroundingCriterion takes a LossFlags, got {type(flags).__name__}")
+        self.flags = flags
         self.similarity_temperature = similarity_temperature
-        if enable_mim_vts and not enable_mim:
-            raise ValueError(
-                "enable_mim_vts=True needs enable_mim=True (the VTS loss is part of the MIM step)"
-            )
+        self.mlm = dict(mlm or {})
+        unknown = set(self.mlm) - set(self.MLM_OPTIONS)
+        if unknown:
+            raise UserError(f"task.losses.mlm: unknown MLM loss option(s) {sorted(unknown)}; known: {list(self.MLM_OPTIONS)}")
 
     def reached_parts(self) -> set[str]:
         """The model parts this criterion's enabled terms send gradients to."""
-        names = ("use_regress_box", "use_box_mask_constraints", "use_mask_loss", "use_contrastive_loss")
-        flags = {n: getattr(self, n) for n in names}
-        flags.update(enable_mim=self.enable_mim, enable_mim_vts=self.enable_mim_vts)
-        flags.update(enable_mlm=self.enable_mlm, enable_mlm_sts=self.enable_mlm_sts)
-        return reached_parts(flags)
+        return self.flags.reached_parts()
 
     def extra_repr(self) -> str:
-        flags = (
-            "use_regress_box",
-            "use_box_mask_constraints",
-            "use_mask_loss",
-            "use_contrastive_loss",
-            "enable_mim",
-            "enable_mim_vts",
-            "enable_mlm",
-            "enable_mlm_sts",
-            "similarity_temperature",
-        )
-        return ", ".join(f"{f}={getattr(self, f)}" for f in flags)
+        flags = ", ".join(f"{k}={v}" for k, v in asdict(self.flags).items())
+        return f"{flags}, similarity_temperature={self.similarity_temperature}"
 
     @staticmethod
     def _get(d: Mapping[str, Tensor], key: str, where: str, why: str) -> Tensor:
@@ -468,12 +488,12 @@ class GroundingCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         get = self._get
         losses: dict[str, Tensor] = {}
-        if self.use_regress_box:
+        if self.flags.use_regress_box:
             why = "use_regress_box is on"
             pred, gt = get(outputs, "pred_box", "outputs", why), get(targets, "box", "targets", why)
             losses["loss_bbox"] = box_l1(pred, gt)
             losses["loss_giou"] = box_giou(pred, gt)
-        if self.use_contrastive_loss:
+        if self.flags.use_contrastive_loss:
             why = "use_contrastive_loss is on"
             if logit_scale is None:
                 logit_scale = get(outputs, "logit_scale", "outputs", why + " (or pass logit_scale=)")
@@ -482,7 +502,7 @@ class GroundingCriterion(nn.Module):
                 get(outputs, "language_cls", "outputs", why),
                 logit_scale.float(),
             )
-        if self.use_box_mask_constraints:
+        if self.flags.use_box_mask_constraints:
             why = "use_box_mask_constraints is on"
             losses.update(
                 box_mask_constraint(
@@ -491,12 +511,12 @@ class GroundingCriterion(nn.Module):
                     temperature=self.similarity_temperature,
                 )
             )
-        if self.use_mask_loss:
+        if self.flags.use_mask_loss:
             why = "use_mask_loss is on (build the model with seg_head=True)"
             losses.update(
                 seg_loss(get(outputs, "seg_mask", "outputs", why), get(targets, "obj_mask", "targets", why))
             )
-        if self.enable_mlm and outputs.get("mlm_logits") is not None:  # official dict order: mlm first
+        if self.flags.enable_mlm and outputs.get("mlm_logits") is not None:  # official dict order: mlm first
             why = "the outputs carry mlm_logits (an MLM step)"
             losses["loss_mlm"] = mlm_loss(
                 get(outputs, "mlm_logits", "outputs", why),
@@ -505,20 +525,20 @@ class GroundingCriterion(nn.Module):
                 step=step,
                 **self.mlm,
             )
-            if self.enable_mlm_sts:
+            if self.flags.enable_mlm_sts:
                 why = "enable_mlm_sts is on"
                 losses["loss_mlm_sts"] = mlm_sts_loss(
                     get(outputs, "mlm_sts_scores", "outputs", why),
                     get(targets, "mlm_sts_labels", "targets", why),
                 ).float()
-        if self.enable_mim and outputs.get("mim_logits") is not None:
+        if self.flags.enable_mim and outputs.get("mim_logits") is not None:
             why = "the outputs carry mim_logits (a MIM step)"
             losses["loss_mim"] = mim_loss(
                 get(outputs, "mim_logits", "outputs", why),
                 get(targets, "mim_codes", "targets", why),
                 get(targets, "mim_mask", "targets", why).bool(),
             )
-            if self.enable_mim_vts:
+            if self.flags.enable_mim_vts:
                 why = "enable_mim_vts is on"
                 losses["loss_mim_vts"] = mim_vts_loss(
                     get(outputs, "mim_vts_pred", "outputs", why), get(targets, "mim_vts", "targets", why)

@@ -18,18 +18,17 @@ on for this task.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
-from oneref.models.oneref import BACKBONE_PARTS
+from oneref.errors import UserError
 from oneref.models.vqkd import VQKD, VQKDConfig
-from oneref.tasks.grounding import build_model, embed_tokenizer
-from oneref.tasks.losses import GroundingCriterion, mlm_accuracy
-from oneref.tasks.optim import configure_optimizers
+from oneref.tasks.base import OneRefModule
+from oneref.tasks.losses import mlm_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -82,57 +81,33 @@ def build_vqkd(cfg: dict[str, Any], img_size: int, patch_size: int) -> VQKD:
     return vqkd
 
 
-class MRefMModule(L.LightningModule):
-    """MRefM pretraining. Args as :class:`oneref.tasks.grounding.GroundingModule`; ``task`` holds
+class MRefMModule(OneRefModule):
+    """MRefM pretraining. Args as :class:`oneref.tasks.base.OneRefModule`; ``task`` holds
     ``frozen_backbone``, ``losses`` (official flags: ``use_box_mask_constraints``,
-    ``enable_mim_vts``, ``enable_mlm_sts``, ``mlm`` options), ``alternation`` (``period``,
-    ``mim_first``) and ``vqkd`` (``checkpoint`` or ``random``, ``codebook_size``)."""
+    ``enable_mim_vts``, ``enable_mlm_sts``, ``mlm`` options; MIM and MLM always run),
+    ``alternation`` (``period``, ``mim_first``) and ``vqkd`` (``checkpoint`` or ``random``,
+    ``codebook_size``)."""
 
+    TASKS = ("mrefm",)
     is_res = False
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        task: dict[str, Any],
-        optim: dict[str, Any],
-        dataset: str = "data",
-        architecture: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        if task.get("name") != "mrefm":
-            raise ValueError(f"MRefMModule needs task.name=mrefm, got {task.get('name')!r}")
-        self.dataset_name = dataset
-        codes = int(task.get("vqkd", {}).get("codebook_size", 8192))
-        self.model = build_model(model, mim_codebook_size=codes, mlm_head=True)
-        self.hparams["architecture"] = self.model.cfg.to_dict()
-        if model.get("grad_checkpointing"):
-            self.model.set_grad_checkpointing(True)
-        self.model.beit3.set_attention(model.get("attention") or "sdpa")
-        losses = dict(task.get("losses", {}))
-        self.criterion = GroundingCriterion(
-            use_regress_box=bool(losses.get("use_regress_box", False)),
-            use_box_mask_constraints=bool(losses.get("use_box_mask_constraints", True)),
-            use_contrastive_loss=bool(losses.get("use_contrastive_loss", False)),
-            enable_mim=True,
-            enable_mim_vts=bool(losses.get("enable_mim_vts", False)),
-            enable_mlm=True,
-            enable_mlm_sts=bool(losses.get("enable_mlm_sts", False)),
-            similarity_temperature=self.model.cfg.similarity_temperature,
-            mlm=losses.get("mlm"),
-        )
+    def __init__(self, model: dict[str, Any], task: dict[str, Any], optim: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(model, task, optim, **kwargs)
         alternation = dict(task.get("alternation") or {})
         self.period = int(alternation.get("period", 2))
         self.mim_first = bool(alternation.get("mim_first", True))
         if self.period < 2:
-            raise ValueError(f"task.alternation.period must be >= 2, got {self.period}")
-        trainable = self.criterion.reached_parts() & self.model.parts()
-        if task.get("frozen_backbone"):  # official --frozen_backbone: every beit3.* parameter
-            trainable -= BACKBONE_PARTS
-        self.model.set_trainable(trainable)
-        log.info("trained parts: %s", ", ".join(sorted(trainable)))
+            raise UserError(f"task.alternation.period must be >= 2, got {self.period}")
+        self.freeze_unreached(bool(task.get("frozen_backbone", False)))
         # not a submodule (a plain dict): frozen, outside the optimizer, the checkpoints, .train()
         self._frozen: dict[str, VQKD] = {}
+
+    def heads(self, task: Mapping[str, Any]) -> dict[str, Any]:
+        codes = int((task.get("vqkd") or {}).get("codebook_size", 8192))
+        return {"mim_codebook_size": codes, "mlm_head": True}
+
+    def forced_losses(self) -> dict[str, bool]:
+        return {"enable_mim": True, "enable_mlm": True}
 
     # -- the frozen tokenizer ------------------------------------------------------------------------
     @property
@@ -161,7 +136,7 @@ class MRefMModule(L.LightningModule):
         """The model's outputs and the criterion's targets for a step of ``kind``."""
         self._check_batch(batch)
         pad = batch["text_padding_mask"] if batch.get("text_padded", True) else None
-        losses = self.criterion
+        flags = self.criterion.flags
         targets: dict[str, Tensor] = {"box": batch["box"], "obj_mask": batch["obj_mask"]}
         if kind == "mim":
             out = self.model(
@@ -170,7 +145,7 @@ class MRefMModule(L.LightningModule):
                 pad,
                 batch["mim_mask"],
                 mim_positions=batch["mim_positions"],
-                mim_vts=losses.enable_mim_vts,
+                mim_vts=flags.enable_mim_vts,
             )
             with torch.no_grad():  # targets: one code per patch of the un-normalised letterbox
                 codes = self.vqkd.get_codebook_indices(batch["vqkd_image"].float() / 255)
@@ -185,10 +160,10 @@ class MRefMModule(L.LightningModule):
                 batch["mlm_text_ids"],
                 pad,
                 mlm_positions=batch["mlm_positions"],
-                mlm_sts=losses.enable_mlm_sts,
+                mlm_sts=flags.enable_mlm_sts,
             )
             targets.update(mlm_labels=batch["mlm_labels"], mlm_valid=batch["mlm_valid"])
-            if losses.enable_mlm_sts:
+            if flags.enable_mlm_sts:
                 targets["mlm_sts_labels"] = batch["mlm_sts_labels"]
         else:
             raise ValueError(f"unknown MRefM step kind {kind!r}; choose mim or mlm")
@@ -235,13 +210,3 @@ class MRefMModule(L.LightningModule):
             accs.append(acc)
         self.log("val/loss", total, batch_size=bs, sync_dist=True)
         self.log("val/acc", (accs[0] + accs[1]) / 2, batch_size=bs, sync_dist=True)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        embed_tokenizer(self, checkpoint)
-
-    def configure_model(self) -> None:
-        if self.hparams.model.get("compile"):
-            self.model.compile_layers(self.hparams.model.get("compile_mode"))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_optimizers(self, self.model, self.hparams.optim)
