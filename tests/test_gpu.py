@@ -48,8 +48,8 @@ def test_bf16_autocast_stays_close_to_fp32_and_to_the_cpu() -> None:
 
 def test_gpu_training_run_bf16_fused_compile_checkpointing(make_cfg) -> None:
     cfg = make_cfg(
-        "model.compile=true",
-        "model.grad_checkpointing=true",
+        "model.runtime.compile=true",
+        "model.runtime.grad_checkpointing=true",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=1",

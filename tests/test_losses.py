@@ -345,7 +345,9 @@ def test_mim_terms_only_on_mim_steps() -> None:
     outputs, targets = _synthetic_outputs()
     outputs.pop("mim_logits")
     outputs.pop("mim_vts_pred")
-    losses = GroundingCriterion(LossFlags(use_box_mask_constraints=True, enable_mim=True, enable_mim_vts=True))(outputs, targets)
+    losses = GroundingCriterion(
+        LossFlags(use_box_mask_constraints=True, enable_mim=True, enable_mim_vts=True)
+    )(outputs, targets)
     assert list(losses) == ["loss_mrm_focal", "loss_mrm_dice", "loss"]
 
 

@@ -96,7 +96,9 @@ def extra_head(monkeypatch):
         self.extra_head = nn.Linear(cfg.embed_dim, 3)
 
     monkeypatch.setattr(OneRef, "__init__", init)
-    monkeypatch.setattr(oneref_model, "PARTS", (*PARTS, Part(prefix="extra_head.", part="extra_head", key_group="grounding")))
+    monkeypatch.setattr(
+        oneref_model, "PARTS", (*PARTS, Part(prefix="extra_head.", part="extra_head", key_group="grounding"))
+    )
     _official_keys.cache_clear()
     yield
     _official_keys.cache_clear()

@@ -95,7 +95,7 @@ def test_flex_trains_on_the_cpu_through_sdpa() -> None:
 
 
 def test_unknown_attention_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="model.attention must be one of"):
+    with pytest.raises(ValueError, match="attention must be one of"):
         _tiny().beit3.set_attention("flash")
 
 

@@ -73,7 +73,9 @@ def read_queries(cfg: DictConfig) -> list[PredictInput]:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: expected a JSON object with 'image' and 'text' ({e})") from e
             image = Path(image).expanduser()
-            queries.append(PredictInput(image if image.is_absolute() else path.parent / image, text, f"{path}:{n}"))
+            queries.append(
+                PredictInput(image if image.is_absolute() else path.parent / image, text, f"{path}:{n}")
+            )
         if not queries:
             raise ValueError(f"{path} holds no queries")
     elif cfg.get("image") is not None and cfg.get("text") is not None:

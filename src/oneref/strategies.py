@@ -1,9 +1,9 @@
 """Distributed strategies from config: DDP and FSDP are declared, not coded.
 
 Order of the wrappers (the FSDP docs' and open_clip's): compile each block, then activation
-checkpointing around it, then shard. ``GroundingModule.configure_model`` compiles each encoder
-layer in place (``model.compile``) before Lightning wraps the model for the strategy; checkpointing
-is either ours (``model.grad_checkpointing``: ``torch.utils.checkpoint`` around each compiled
+checkpointing around it, then shard. ``OneRefModule.configure_model`` compiles each encoder
+layer in place (``model.runtime.compile``) before Lightning wraps the model for the strategy; checkpointing
+is either ours (``model.runtime.grad_checkpointing``: ``torch.utils.checkpoint`` around each compiled
 layer call) or FSDP's (``activation_checkpointing_layers``: a wrapper around each compiled
 layer), never both (each layer would be recomputed twice); FSDP then wraps each layer.
 """

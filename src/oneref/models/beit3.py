@@ -223,7 +223,7 @@ class BEiT3(nn.Module):
     def set_attention(self, kind: str) -> None:
         """Kernel for padded batches: ``sdpa`` (default) or ``flex`` (see ATTENTION_KINDS)."""
         if kind not in ATTENTION_KINDS:
-            raise ValueError(f"model.attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
         self.attention = kind
 
     def compile_layers(self, **options: Any) -> None:

@@ -89,13 +89,32 @@ class Part:
 # Every tensor of OneRef is in exactly one row (tests/test_model.py checks it). The parts are what
 # the losses reach (oneref.tasks.losses.LOSS_REACH): a part no enabled loss reaches is frozen.
 PARTS: tuple[Part, ...] = (
-    Part(prefix="logit_scale", part="logit_scale", key_group="grounding", decay=False),  # contrastive temperature
+    # the contrastive temperature
+    Part(prefix="logit_scale", part="logit_scale", key_group="grounding", decay=False),
     Part(prefix="beit3.text_embed.", part="backbone", key_group="backbone", layer="embed"),
     # only masked image modelling reads the mask token
-    Part(prefix="beit3.vision_embed.mask_token", part="mask_token", key_group="backbone", layer="embed", decay=False),
-    Part(prefix="beit3.vision_embed.cls_token", part="backbone", key_group="backbone", layer="embed", decay=False),
+    Part(
+        prefix="beit3.vision_embed.mask_token",
+        part="mask_token",
+        key_group="backbone",
+        layer="embed",
+        decay=False,
+    ),
+    Part(
+        prefix="beit3.vision_embed.cls_token",
+        part="backbone",
+        key_group="backbone",
+        layer="embed",
+        decay=False,
+    ),
     Part(prefix="beit3.vision_embed.proj.", part="backbone", key_group="backbone", layer="embed"),
-    Part(prefix="beit3.encoder.embed_positions.", part="backbone", key_group="backbone", layer="embed", decay=False),
+    Part(
+        prefix="beit3.encoder.embed_positions.",
+        part="backbone",
+        key_group="backbone",
+        layer="embed",
+        decay=False,
+    ),
     Part(prefix="beit3.encoder.layers.", part="backbone", key_group="backbone", layer="block"),
     Part(prefix="beit3.encoder.layer_norm.", part="backbone", key_group="backbone", layer="head"),
     Part(prefix="language_head.", part="language_head", key_group="grounding"),
@@ -104,7 +123,11 @@ PARTS: tuple[Part, ...] = (
     Part(prefix="visu_proj.", part="box_head", key_group="grounding"),
     # in every official checkpoint, never used by its forward (official models/OneRef_model.py)
     Part(prefix="text_proj.", part="text_proj", key_group="grounding"),
-    *(Part(prefix=f"{m}{i}.", part="seg_head", key_group="seg") for i in (1, 2, 3) for m in ("seg_conv", "bn")),
+    *(
+        Part(prefix=f"{m}{i}.", part="seg_head", key_group="seg")
+        for i in (1, 2, 3)
+        for m in ("seg_conv", "bn")
+    ),
     Part(prefix="mim_head.", part="mim_head", key_group="mim"),
     Part(prefix="mim_vts_head.", part="mim_vts_head", key_group="mim"),
     Part(prefix="mlm_head.", part="mlm_head", key_group="mlm"),

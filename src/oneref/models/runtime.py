@@ -32,9 +32,13 @@ class ModelRuntime:
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
-            raise UserError(f"model.runtime.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+            raise UserError(
+                f"model.runtime.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}"
+            )
         if self.compile_mode not in COMPILE_MODES:
-            raise UserError(f"model.runtime.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+            raise UserError(
+                f"model.runtime.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}"
+            )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -79,7 +83,9 @@ def split_model_options(model: Mapping[str, Any]) -> tuple[str, dict[str, Any], 
         if key in options:
             value = options.pop(key)
             if key in runtime and runtime[key] != value:
-                raise UserError(f"model.{key}={value!r} and model.runtime.{key}={runtime[key]!r} disagree: keep one")
+                raise UserError(
+                    f"model.{key}={value!r} and model.runtime.{key}={runtime[key]!r} disagree: keep one"
+                )
             runtime[key] = value
     known = {f.name for f in fields(OneRefConfig)}
     unknown = sorted(set(options) - known)

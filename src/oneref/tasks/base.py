@@ -16,7 +16,7 @@ import lightning as L
 from oneref.errors import UserError
 from oneref.models.oneref import BACKBONE_PARTS, OneRef
 from oneref.models.registry import model_config
-from oneref.models.runtime import ModelRuntime, join_model_options, split_model_options
+from oneref.models.runtime import join_model_options, split_model_options
 from oneref.tasks.losses import GroundingCriterion, LossFlags
 from oneref.tasks.optim import configure_optimizers
 
@@ -64,7 +64,9 @@ class OneRefModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["dataset"])
         if task.get("name") not in self.TASKS:
-            raise UserError(f"task.name={task.get('name')!r}: {type(self).__name__} takes {' | '.join(self.TASKS)}")
+            raise UserError(
+                f"task.name={task.get('name')!r}: {type(self).__name__} takes {' | '.join(self.TASKS)}"
+            )
         training = dict(training or {})
         if dataset is not None:  # a checkpoint written before ``training``
             training.setdefault("dataset", dataset)

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from oneref.atomic import atomic_write
 from oneref.drawing import MIN_TILE, denormalise, draw_sample, enlarge, make_grid
 from oneref.tasks.metrics import res_pred_mask
 
@@ -146,7 +147,7 @@ class ValidationImages(L.Callback):
             folder = Path(trainer.default_root_dir) / "val_images"
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"epoch{trainer.current_epoch:03d}_step{step:06d}.png"
-            Image.fromarray(grid).save(path)
+            atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
             log.debug("validation panel written to %s", path)
 
 

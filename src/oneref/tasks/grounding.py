@@ -33,7 +33,9 @@ class GroundingModule(OneRefModule):
 
     TASKS = ("rec", "res")
 
-    def __init__(self, model: dict[str, Any], task: dict[str, Any], optim: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self, model: dict[str, Any], task: dict[str, Any], optim: dict[str, Any], **kwargs: Any
+    ) -> None:
         super().__init__(model, task, optim, **kwargs)
         self.freeze_unreached(bool(task.get("frozen_backbone", False)))
         self.set_original_resolution(bool(task.get("original_resolution", False)))
@@ -146,4 +148,3 @@ class GroundingModule(OneRefModule):
             for metric in group.values():
                 metric.reset()
         self.log_dict(metrics, add_dataloader_idx=False, **_SYNCED)
-

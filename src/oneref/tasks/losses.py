@@ -245,9 +245,13 @@ class LossFlags:
 
     def __post_init__(self) -> None:
         if self.enable_mim_vts and not self.enable_mim:
-            raise ValueError("enable_mim_vts=True needs enable_mim=True (the VTS loss is part of the MIM step)")
+            raise ValueError(
+                "enable_mim_vts=True needs enable_mim=True (the VTS loss is part of the MIM step)"
+            )
         if self.enable_mlm_sts and not self.enable_mlm:
-            raise ValueError("enable_mlm_sts=True needs enable_mlm=True (the STS loss is part of the MLM step)")
+            raise ValueError(
+                "enable_mlm_sts=True needs enable_mlm=True (the STS loss is part of the MLM step)"
+            )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -277,7 +281,9 @@ class LossFlags:
         flags = {k: v for k, v in losses.items() if k != "mlm"}
         unknown = sorted(set(flags) - set(cls.names()))
         if unknown:
-            raise UserError(f"task.losses: unknown loss flag(s) {unknown}; known: {list(cls.names())} and mlm")
+            raise UserError(
+                f"task.losses: unknown loss flag(s) {unknown}; known: {list(cls.names())} and mlm"
+            )
         try:
             return cls(**{k: bool(v) for k, v in {**flags, **forced}.items()})
         except ValueError as e:
@@ -450,7 +456,9 @@ class GroundingCriterion(nn.Module):
         self.mlm = dict(mlm or {})
         unknown = set(self.mlm) - set(self.MLM_OPTIONS)
         if unknown:
-            raise UserError(f"task.losses.mlm: unknown MLM loss option(s) {sorted(unknown)}; known: {list(self.MLM_OPTIONS)}")
+            raise UserError(
+                f"task.losses.mlm: unknown MLM loss option(s) {sorted(unknown)}; known: {list(self.MLM_OPTIONS)}"
+            )
 
     def reached_parts(self) -> set[str]:
         """The model parts this criterion's enabled terms send gradients to."""

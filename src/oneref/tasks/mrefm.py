@@ -91,7 +91,9 @@ class MRefMModule(OneRefModule):
     TASKS = ("mrefm",)
     is_res = False
 
-    def __init__(self, model: dict[str, Any], task: dict[str, Any], optim: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self, model: dict[str, Any], task: dict[str, Any], optim: dict[str, Any], **kwargs: Any
+    ) -> None:
         super().__init__(model, task, optim, **kwargs)
         alternation = dict(task.get("alternation") or {})
         self.period = int(alternation.get("period", 2))

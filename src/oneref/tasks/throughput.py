@@ -142,6 +142,10 @@ class Throughput(L.Callback):
         self._last_step = -1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._count_flops(pl_module)
+
+    def _count_flops(self, pl_module: L.LightningModule) -> None:
+        """The model's FLOP counts and the device's peak, once per loop start."""
         model = getattr(pl_module, "model", None)
         cfg = getattr(model, "cfg", None)
         self.flops = None
@@ -197,6 +201,117 @@ class Throughput(L.Callback):
             step_axis = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", step)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step_axis)
+
+
+class StepWindow(Throughput):
+    """Throughput over a fixed window of batches, ``first .. last - 1`` of a fit or a test loop (a
+    benchmark's timed steps after its warm-up): the samples and model FLOPs counted as
+    :class:`Throughput` counts them, per-step durations (CUDA events, recorded without a sync), one
+    synchronize at each end of the window, and the peak memory over it. Logs nothing: read
+    :meth:`result` after the loop. ``train=False`` counts 1x the forward (evaluation)."""
+
+    def __init__(
+        self, first: int, last: int, train: bool = True, peak_flops: float | str | None = "auto"
+    ) -> None:
+        if not 0 <= first < last:
+            raise ValueError(f"StepWindow needs 0 <= first < last, got {first}, {last}")
+        super().__init__(peak_flops=peak_flops)
+        self.first, self.last_batch, self.train = int(first), int(last), bool(train)
+        self.shapes: list[tuple[int, int]] = []
+        self._marks: list[tuple[Any, Any]] = []
+        self.wall: float | None = None
+        self._window_t0 = 0.0
+        self.peak_gib: float | None = None
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._count_flops(pl_module)
+
+    def _mark(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self, pl_module: L.LightningModule, batch: Any, i: int) -> None:
+        if not self.first <= i < self.last_batch:
+            return
+        device = pl_module.device
+        if i == self.first:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            self._window_t0 = time.perf_counter()
+        shape = _batch_shape(batch)
+        if shape is not None:
+            self.shapes.append(shape)
+        self._marks.append((self._mark(device), None))
+
+    def _end(self, pl_module: L.LightningModule, i: int) -> None:
+        if not self.first <= i < self.last_batch:
+            return
+        device = pl_module.device
+        self._marks[-1] = (self._marks[-1][0], self._mark(device))
+        if i == self.last_batch - 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                self.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            self.wall = time.perf_counter() - self._window_t0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start(pl_module, batch, batch_idx)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._end(pl_module, batch_idx)
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, *_: Any
+    ) -> None:
+        self._start(pl_module, batch, batch_idx)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        *_: Any,
+    ) -> None:
+        self._end(pl_module, batch_idx)
+
+    def step_ms(self) -> list[float]:
+        return [s.elapsed_time(e) if not isinstance(s, float) else 1e3 * (e - s) for s, e in self._marks]
+
+    def result(self) -> dict[str, Any]:
+        """samples/s over the window, ms per step (median, min), forward GFLOPs per sample, model
+        TFLOP/s and MFU (with a known peak), the mean padded text length, peak GiB (CUDA)."""
+        if self.wall is None:
+            raise RuntimeError(
+                f"fewer than {self.last_batch} batches ran: the window {self.first}..{self.last_batch - 1} was not timed"
+            )
+        ms = sorted(self.step_ms())
+        samples = sum(b for b, _ in self.shapes)
+        sps = samples / self.wall
+        out: dict[str, Any] = {
+            "text_ids_mean": sum(n for _, n in self.shapes) / len(self.shapes),
+            "samples_per_s": sps,
+            "ms_per_step_median": ms[len(ms) // 2],
+            "ms_per_step_min": ms[0],
+        }
+        if self.flops is not None:
+            fwd = sum(b * self.flops(n) for b, n in self.shapes) / samples
+            achieved = sps * (TRAIN_FLOPS_FACTOR if self.train else 1) * fwd
+            out.update(fwd_gflops_per_sample=fwd / 1e9, tflops_per_s=achieved / 1e12)
+            out["mfu"] = achieved / self.peak if self.peak else None
+        out["peak_flops"] = self.peak
+        if self.peak_gib is not None:
+            out["peak_mem_gib"] = self.peak_gib
+        return out
 
 
 class RichProgressBar(_RichProgressBar):
