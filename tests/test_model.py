@@ -157,7 +157,7 @@ def test_model_runtime_bad_keys_are_user_errors() -> None:
         split_model_options({"size": "tiny", "compile": True, "runtime": {"compile": False}})
 
 
-def test_module_hyperparameters_keep_runtime_and_training_facts_nested(make_cfg) -> None:
+def test_module_hyperparameters_keep_runtime_and_training_facts_nested(make_cfg, tmp_path) -> None:
     from oneref.config import to_container
     from oneref.factory import build_module
     from oneref.tasks.grounding import GroundingModule
@@ -167,10 +167,23 @@ def test_module_hyperparameters_keep_runtime_and_training_facts_nested(make_cfg)
     # no top-level `dataset`: Lightning merges these with the DataModule's for the loggers
     assert "dataset" not in module.hparams and module.hparams.training == {"dataset": "synthetic"}
     assert module.hparams.model["runtime"]["grad_checkpointing"] and module.model.beit3.grad_checkpointing
-    # hyperparameters of a checkpoint written before model.runtime and training
+    # a .ckpt written before model.runtime and training: runtime keys and dataset at the top level
     old_model = {k: v for k, v in to_container(cfg.model).items() if k != "runtime"}
     old_model |= to_container(cfg.model.runtime)
-    torch.manual_seed(0)
-    old = GroundingModule(old_model, to_container(cfg.task), to_container(cfg.optim), dataset="refcoco")
+    hparams = {"model": old_model, "task": to_container(cfg.task), "optim": to_container(cfg.optim)}
+    hparams |= {"dataset": "refcoco", "architecture": dict(module.hparams.architecture)}
+    path = tmp_path / "old.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": hparams,
+            "pytorch-lightning_version": "2.5.0",
+        },
+        path,
+    )
+    old = GroundingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     assert old.dataset_name == "refcoco" and old.hparams.training == {"dataset": "refcoco"}
     assert old.hparams.model == module.hparams.model and "dataset" not in old.hparams
+    assert old.model.beit3.grad_checkpointing
+    for key, value in module.state_dict().items():
+        assert torch.equal(old.state_dict()[key], value), key
