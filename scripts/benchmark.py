@@ -103,7 +103,7 @@ def _fmt(v: Any) -> str:
 
 
 def _fake_coco(root: Path, num_images: int, samples: int, size: tuple[int, int], seed: int) -> list[str]:
-    """JPEGs with photo-like statistics (smooth shading, shapes, texture noise) + a unc split file."""
+    """JPEGs with photo-like statistics (smooth shading, shapes, texture noise) + a refcoco split file (flat layout: its official name unc)."""
     import numpy as np
     import torch
     from PIL import Image, ImageDraw
@@ -198,10 +198,11 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torch.utils.data import DataLoader
 
     from oneref.data.anchors import RuleAnchorParser
-    from oneref.data.datamodule import _init_worker
-    from oneref.data.datasets import RefCollate, RefDataset, configure_worker_process
+    from oneref.data.config import DataConfig
+    from oneref.data.datasets import RefCollate, RefDataset
     from oneref.data.mrefm import MRefMConfig
     from oneref.data.tokenizer import Tokenizer, train_sentencepiece
+    from oneref.data.workers import configure_worker_process, init_worker
 
     configure_worker_process()  # what RefDataModule's DataLoader workers run first
     w, h = (int(v) for v in args.image_size.lower().split("x"))
@@ -213,6 +214,13 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         # MRefM fields on top of the REC training pipeline (7 scales, so only the extra work differs)
         mrefm = MRefMConfig(enabled=True, mim_scales=False)
         anchors = dict(zip(phrases, RuleAnchorParser().parse(phrases)))
+        common = dict(
+            dataset="refcoco",
+            data_root=root,
+            split_root=root / "splits",
+            img_size=args.img_size,
+            seed=args.seed,
+        )
         configs = [
             ("train", False, {}),
             ("train+mrefm", False, {}),
@@ -222,18 +230,12 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         ]
         for mode, seg, aug in configs:
             with_mrefm = mode.endswith("+mrefm")
+            config = DataConfig(**common, augment=aug, seg_masks=seg, mrefm=mrefm if with_mrefm else None)
             ds = RefDataset(
-                "unc",
+                config,
                 "train",
-                root,
-                root / "splits",
-                img_size=args.img_size,
                 train=mode.startswith("train"),
-                augment=aug,
-                seg_masks=seg,
                 tokenizer=tok,
-                seed=args.seed,
-                mrefm=mrefm if with_mrefm else None,
                 anchors=anchors if with_mrefm else None,
             )
             collate = RefCollate(64, mrefm=mrefm)
@@ -275,16 +277,7 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             log.info("%s", rows[-1])
         rows.append(_fresh_memory_row(args.img_size, args.batch_size))
         log.info("%s", rows[-1])
-        ds = RefDataset(
-            "unc",
-            "train",
-            root,
-            root / "splits",
-            img_size=args.img_size,
-            train=True,
-            tokenizer=tok,
-            seed=args.seed,
-        )
+        ds = RefDataset(DataConfig(**common), "train", train=True, tokenizer=tok)
         for nw in args.loader_workers:
             dl = DataLoader(
                 ds,
@@ -294,7 +287,7 @@ def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 collate_fn=RefCollate(64),
                 persistent_workers=nw > 0,
                 drop_last=True,
-                worker_init_fn=_init_worker if nw else None,
+                worker_init_fn=init_worker if nw else None,
             )
             it = iter(dl)
             next(it)  # worker start-up excluded

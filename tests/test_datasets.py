@@ -13,9 +13,9 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from oneref.data.baseline import mean_train_box
+from oneref.data.config import DataConfig
 from oneref.data.datamodule import RefDataModule
 from oneref.data.datasets import RefCollate, RefDataset, SampleError
-from oneref.data.config import DataConfig
 from oneref.data.records import OFFICIAL_NAMES, RecordError, load_split_file, parse_record
 from oneref.data.tokenizer import train_sentencepiece
 from oneref.data.transforms import letterbox_box
