@@ -37,7 +37,7 @@ def mean_train_box(datamodule: Any) -> torch.Tensor:
                     w, h = im.size
             except OSError:
                 continue
-        boxes.append(letterbox_box(rec.box, h, w, ds.img_size))
+        boxes.append(letterbox_box(rec.box, h, w, ds.config.img_size))
     if not boxes:
         raise ValueError(f"{ds.name}: no readable training record to average")
     mean = np.mean(np.stack(boxes), axis=0, dtype=np.float64)

@@ -92,43 +92,33 @@ class RefDataset(Dataset):
     ) -> None:
         if not isinstance(config, DataConfig):
             raise TypeError(f"RefDataset takes a DataConfig, got {type(config).__name__}")
-        self.config = config
-        dataset, bad_samples = config.dataset, config.bad_samples
-        self.dataset, self.split = dataset, split
-        self.data_root = config.data_root
-        self.split_root = config.resolved_split_root
-        check_root(self.data_root, "data root", self.data_root, self.split_root)
+        self.config, self.split = config, split
+        dataset, data_root, split_root = config.dataset, config.data_root, config.resolved_split_root
+        check_root(data_root, "data root", data_root, split_root)
         records, problems = load_records(
-            self.split_root, dataset, split, bad_samples, self.data_root, format=config.format
+            split_root, dataset, split, config.bad_samples, data_root, format=config.format
         )
         if not records:
             raise ValueError(
-                f"{dataset}/{split}: no usable records in {split_files(self.split_root, dataset, split)}"
+                f"{dataset}/{split}: no usable records in {split_files(split_root, dataset, split)}"
             )
         self.records = RecordStore(records)
         self.num_unparsable = len(problems)
-        dirs = {k: self.data_root / v for k, v in IMAGE_DIRS.items()}
+        dirs = {k: data_root / v for k, v in IMAGE_DIRS.items()}
         dirs.update({k: Path(v) for k, v in config.image_dirs.items()})
         self.image_dirs = dirs
-        self.img_size = config.img_size
         self.train = bool(train)
-        self.augment = config.augment
         use_mrefm = carries_mrefm(config, split, self.train)
-        self.mrefm = config.mrefm if use_mrefm else None
         num_scales = MIM_NUM_SCALES if use_mrefm and config.mrefm.mim_scales else 7
-        self.transform = TrainTransform(self.img_size, self.augment, num_scales) if self.train else None
-        self.cache_samples = config.cache_samples
-        if self.cache_samples and self.train and self.augment.enabled:
+        self.transform = TrainTransform(config.img_size, config.augment, num_scales) if self.train else None
+        if config.cache_samples and self.train and config.augment.enabled:
             raise ValueError(
                 f"{dataset}/{split}: cache_samples needs the same sample every epoch, but training "
                 "augmentation is on; set data.augment.enabled=false or data.cache_samples=false"
             )
         self._cache: dict[int, dict[str, Any]] = {}
         self.orig_masks = config.orig_masks and not self.train
-        self.seg_masks = config.seg_masks
         self.tokenizer = tokenizer
-        self.bad_samples = bad_samples
-        self.seed = config.seed
         self._mrefm: MRefMBuilder | None = None
         self._anchors: RecordStore | None = None
         if use_mrefm:
@@ -138,7 +128,7 @@ class RefDataset(Dataset):
         self._bad = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
         self._logged_bad = 0
         log.info(
-            "%s/%s: %d samples (train=%s, seg_masks=%s)", dataset, split, len(self), train, self.seg_masks
+            "%s/%s: %d samples (train=%s, seg_masks=%s)", dataset, split, len(self), train, config.seg_masks
         )
 
     def _setup_mrefm(self, tokenizer: Tokenizer | None, anchors: Mapping[str, Anchors] | None) -> None:
@@ -157,11 +147,13 @@ class RefDataset(Dataset):
                 "the anchor cache does not belong to this split file (delete it to parse again)"
             )
         self._anchors = RecordStore([anchors[r.phrase] for r in self.records])
-        self._mrefm = MRefMBuilder(self.mrefm, self.img_size, tokenizer.mask_id, tokenizer.vocab_size)
+        self._mrefm = MRefMBuilder(
+            self.config.mrefm, self.config.img_size, tokenizer.mask_id, tokenizer.vocab_size
+        )
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}/{self.split}"
+        return f"{self.config.dataset}/{self.split}"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -198,11 +190,11 @@ class RefDataset(Dataset):
         index = int(index)
         if index < 0:  # a padding repeat of an evaluation shard: counts zero (ShardSampler)
             return {**self[unpad_index(index)], "valid": False}
-        if not (self.bad_samples == "skip" and self._bad[index]):  # known bad: straight to a stand-in
+        if not (self.config.bad_samples == "skip" and self._bad[index]):  # known bad: straight to a stand-in
             try:
                 return self.load(index)
             except DATA_ERRORS as e:
-                if self.bad_samples == "raise":
+                if self.config.bad_samples == "raise":
                     raise SampleError(self._describe(index, e)) from e
                 self._mark_bad(index, e)
         # Skip mode: the next good sample stands in, so batches keep their size.
@@ -236,7 +228,7 @@ class RefDataset(Dataset):
 
     def load(self, index: int) -> dict[str, Any]:
         """Load and transform one sample; raises on bad data (no skipping)."""
-        if self.cache_samples:
+        if self.config.cache_samples:
             sample = self._cache.get(index)
             if sample is None:
                 sample = self._cache[index] = self._load(index)
@@ -253,7 +245,7 @@ class RefDataset(Dataset):
             sample["text_ids"],
             self.tokenizer.tokenize(sample["phrase"]),
             self._anchors[index],
-            self.seed,
+            self.config.seed,
             self.epoch,
             index,
         )
@@ -278,10 +270,10 @@ class RefDataset(Dataset):
                 mask.paste(orig_mask, 0, 0)
             box = np.asarray(rec.box, dtype=np.float32)
             if self.transform is not None:
-                rng = np.random.default_rng([self.seed, self.epoch, index])
+                rng = np.random.default_rng([self.config.seed, self.epoch, index])
                 out = self.transform(img, box, mask, rec.phrase, rng)
             else:
-                out = eval_transform(img, box, mask, self.img_size)
+                out = eval_transform(img, box, mask, self.config.img_size)
         return {
             "result": out,
             "orig_mask": orig_mask,
@@ -292,7 +284,7 @@ class RefDataset(Dataset):
         }
 
     def _object_mask(self, rec: RefRecord, h: int, w: int) -> ObjMask:
-        if self.seg_masks and rec.segmentation is not None:
+        if self.config.seg_masks and rec.segmentation is not None:
             mh, mw = rec.size if rec.size is not None else (h, w)
             if (mh, mw) != (h, w):
                 raise ValueError(f"size in the record ({mw}x{mh}) differs from the image ({w}x{h})")
