@@ -62,10 +62,11 @@ def test_unknown_option_is_an_error_naming_it(make_cfg) -> None:
         ({"text_buckets": [8, 16], "max_query_len": 20}, "must reach data.max_query_len=20"),
         ({"text_buckets": [20], "max_query_len": 20, "pad_to_max_len": True}, "set one"),
         ({"augment": {"crop": True}}, r"unknown augment option\(s\) \['crop'\]"),
+        ({"mrefm": {"mlm_slots": -1}}, "data.mrefm.mlm_slots must be >= 0"),
     ],
 )
 def test_bad_values_are_clear_errors(options: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(DataConfigError, match=match):
         DataConfig.from_dict(options)
 
 

@@ -155,13 +155,15 @@ class DataConfig:
             raise DataConfigError(
                 "data.pad_to_max_len=true and data.text_buckets both fix the text length: set one"
             )
-        put("augment", AugmentConfig.from_any(_plain(self.augment)))
-        synthetic = _plain(self.synthetic)
-        put("synthetic", SyntheticConfig.from_any(synthetic) if self.dataset == "synthetic" else None)
+        try:  # the nested option groups check themselves; their errors are the user's too
+            put("augment", AugmentConfig.from_any(_plain(self.augment)))
+            synthetic = _plain(self.synthetic)
+            put("synthetic", SyntheticConfig.from_any(synthetic) if self.dataset == "synthetic" else None)
+            put("mrefm", MRefMConfig.from_any(_plain(self.mrefm)))
+        except ValueError as e:
+            raise DataConfigError(str(e)) from None
         put("image_dirs", {str(k): str(v) for k, v in (_plain(self.image_dirs) or {}).items()})
-        put("mrefm", MRefMConfig.from_any(_plain(self.mrefm)))
-        for name in ("seed",):
-            put(name, int(getattr(self, name)))
+        put("seed", int(self.seed))
         for name in ("pin_memory", "pad_to_max_len", "seg_masks", "drop_last", "cache_samples", "orig_masks"):
             put(name, bool(getattr(self, name)))
 
