@@ -392,7 +392,8 @@ def synthetic_batch(
     """One batch with the layout of oneref.data.datasets.RefCollate (random content)."""
     import torch
 
-    from oneref.data.datasets import check_text_buckets, pad_to_bucket
+    from oneref.data.config import check_text_buckets
+    from oneref.data.datasets import pad_to_bucket
     from oneref.data.tokenizer import PAD_ID
 
     width = int(lengths.max()) if pad_to is None else pad_to

@@ -13,7 +13,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from oneref.checkpoint import load_model
-from oneref.data.datasets import RefCollate, check_text_buckets, pad_to_bucket
+from oneref.data.config import check_text_buckets
+from oneref.data.datasets import RefCollate, pad_to_bucket
 from oneref.data.workers import MAX_AUTO_WORKERS, resolve_num_workers
 from oneref.models.beit3 import key_padding_block_mask
 from oneref.models.registry import create_model
