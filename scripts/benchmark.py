@@ -2,6 +2,816 @@
 oneref.benchmark (`python scripts/benchmark.py --help` lists them)."""
 
 import sys
+<<<<<<< HEAD
+=======
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("benchmark")
+
+Runner = Callable[[argparse.Namespace], list[dict[str, Any]]]
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {}
+
+
+def subcommand(name: str, help: str) -> Callable:
+    def register(
+        fn: Callable[[argparse.ArgumentParser], Runner],
+    ) -> Callable[[argparse.ArgumentParser], Runner]:
+        SUBCOMMANDS[name] = (help, fn)
+        return fn
+
+    return register
+
+
+def machine_info() -> dict[str, Any]:
+    import numpy as np
+    import PIL
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def _fake_coco(root: Path, num_images: int, samples: int, size: tuple[int, int], seed: int) -> list[str]:
+    """JPEGs with photo-like statistics (smooth shading, shapes, texture noise) + a refcoco split file (flat layout: its official name unc)."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img_dir = root / "other/images/mscoco/images/train2014"
+    img_dir.mkdir(parents=True)
+    (root / "splits/unc").mkdir(parents=True)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    words = ["man", "woman", "dog", "car", "red", "shirt", "tall", "chair", "near", "with", "the", "white"]
+    spatial = ["left", "right", "top", "bottom", "middle"]
+    records, phrases = [], []
+    for n in range(num_images):
+        base = np.stack(
+            [
+                np.sin(xx / rng.uniform(40, 200) + c) * 60 + np.cos(yy / rng.uniform(40, 200) + c) * 50
+                for c in range(3)
+            ],
+            -1,
+        )
+        base = base + rng.uniform(60, 190, size=3) + rng.normal(0, 12, size=(h, w, 3))
+        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(8):
+            x0, y0 = rng.uniform(0, w - 40), rng.uniform(0, h - 40)
+            draw.ellipse(
+                [x0, y0, x0 + rng.uniform(20, 200), y0 + rng.uniform(20, 200)],
+                fill=tuple(int(v) for v in rng.integers(0, 255, 3)),
+            )
+        fname = f"COCO_train2014_{n:012d}.jpg"
+        img.save(img_dir / fname, "JPEG", quality=90)
+    for k in range(samples):
+        n = k % num_images
+        bw, bh = rng.uniform(30, w * 0.6), rng.uniform(30, h * 0.6)
+        bx, by = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        poly = [bx, by, bx + bw, by + bh * 0.1, bx + bw * 0.9, by + bh, bx + bw * 0.05, by + bh * 0.8]
+        phrase = " ".join(rng.choice(words, size=int(rng.integers(2, 7))))
+        if rng.random() < 0.4:
+            phrase += " on the " + str(rng.choice(spatial))
+        phrases.append(phrase)
+        records.append(
+            (f"COCO_train2014_{n:012d}.jpg", {"height": h, "width": w}, [bx, by, bw, bh], phrase, [poly])
+        )
+    torch.save(records, root / "splits/unc/unc_train.pth")
+    return phrases
+
+
+def _fresh_memory_row(img_size: int, batch_size: int, repeats: int = 5) -> dict[str, Any]:
+    """Cost of only writing a batch's output tensors into fresh memory (what a worker's collate must
+    do for the float32 image and the masks). Page faults dominate it and vary a lot between machines
+    (expensive in small VMs), so it is reported for context."""
+    import numpy as np
+    import torch
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        image = torch.empty((batch_size, 3, img_size, img_size), dtype=torch.float32)
+        masks = torch.empty((batch_size, 2, img_size, img_size), dtype=torch.bool)
+        image.numpy()[...] = 0
+        masks.numpy()[...] = False
+        best = min(best, time.perf_counter() - t0)
+        del image, masks
+    return {
+        "bench": "data",
+        "mode": "fresh-memory write only",
+        "img_size": img_size,
+        "workers": "1 (in-process)",
+        "samples_per_s_cpu_best": batch_size / best,
+        "ms_per_sample": float(np.round(1e3 * best / batch_size, 3)),
+    }
+
+
+@subcommand("data", "training samples/s per loader worker on 640x480 JPEGs")
+def data_bench(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--img-size", type=int, default=384)
+    p.add_argument("--num-images", type=int, default=64, help="distinct JPEG files")
+    p.add_argument("--samples", type=int, default=1024, help="samples timed per configuration")
+    p.add_argument("--image-size", default="640x480", help="WxH of the JPEGs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--round-size", type=int, default=128, help="samples per timed round (whole batches)")
+    p.add_argument(
+        "--loader-workers", type=int, nargs="*", default=[2], help="also time a DataLoader with N workers"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    return run_data_bench
+
+
+def run_data_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from oneref.data.anchors import RuleAnchorParser
+    from oneref.data.config import DataConfig
+    from oneref.data.datasets import RefCollate, RefDataset
+    from oneref.data.mrefm import MRefMConfig
+    from oneref.data.tokenizer import Tokenizer, train_sentencepiece
+    from oneref.data.workers import configure_worker_process, init_worker
+
+    configure_worker_process()  # what RefDataModule's DataLoader workers run first
+    w, h = (int(v) for v in args.image_size.lower().split("x"))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        phrases = _fake_coco(root, args.num_images, max(args.samples, 2 * args.batch_size), (w, h), args.seed)
+        tok = Tokenizer(train_sentencepiece(phrases, root / "bench.model", vocab_size=64), 64)
+        # MRefM fields on top of the REC training pipeline (7 scales, so only the extra work differs)
+        mrefm = MRefMConfig(enabled=True, mim_scales=False)
+        anchors = dict(zip(phrases, RuleAnchorParser().parse(phrases)))
+        common = dict(
+            dataset="refcoco",
+            data_root=root,
+            split_root=root / "splits",
+            img_size=args.img_size,
+            seed=args.seed,
+        )
+        configs = [
+            ("train", False, {}),
+            ("train+mrefm", False, {}),
+            ("train", True, {}),
+            ("train-exact", False, {"resize_backend": "pil", "jpeg_draft": False}),
+            ("eval", False, {}),
+        ]
+        for mode, seg, aug in configs:
+            with_mrefm = mode.endswith("+mrefm")
+            config = DataConfig(**common, augment=aug, seg_masks=seg, mrefm=mrefm if with_mrefm else None)
+            ds = RefDataset(
+                config,
+                "train",
+                train=mode.startswith("train"),
+                tokenizer=tok,
+                anchors=anchors if with_mrefm else None,
+            )
+            collate = RefCollate(64, mrefm=mrefm)
+            order = np.random.default_rng(args.seed).permutation(len(ds))[: args.samples]
+            for i in order[:8]:  # warm-up (imports, caches)
+                ds[int(i)]
+            # Rounds of whole batches; the best round is the per-worker capability on a busy machine.
+            rounds = [order[k : k + args.round_size] for k in range(0, len(order), args.round_size)]
+            cpu_rates, wall_rates = [], []
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            for rnd in rounds:
+                c0, t0 = time.process_time(), time.perf_counter()
+                batch: list = []
+                for i in rnd:
+                    batch.append(ds[int(i)])
+                    if len(batch) == args.batch_size:
+                        collate(batch)
+                        batch = []
+                if batch:
+                    collate(batch)
+                cpu_rates.append(len(rnd) / (time.process_time() - c0))
+                wall_rates.append(len(rnd) / (time.perf_counter() - t0))
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            rows.append(
+                {
+                    "bench": "data",
+                    "mode": mode,
+                    "seg_masks": seg,
+                    "img_size": args.img_size,
+                    "images": f"{w}x{h} JPEG",
+                    "workers": "1 (in-process)",
+                    "samples": len(order),
+                    "samples_per_s_cpu_best": max(cpu_rates),
+                    "samples_per_s_cpu_median": float(np.median(cpu_rates)),
+                    "samples_per_s_wall_median": float(np.median(wall_rates)),
+                    "involuntary_ctx_switches": ru1.ru_nivcsw - ru0.ru_nivcsw,
+                }
+            )
+            log.info("%s", rows[-1])
+        rows.append(_fresh_memory_row(args.img_size, args.batch_size))
+        log.info("%s", rows[-1])
+        ds = RefDataset(DataConfig(**common), "train", train=True, tokenizer=tok)
+        for nw in args.loader_workers:
+            dl = DataLoader(
+                ds,
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=nw,
+                collate_fn=RefCollate(64),
+                persistent_workers=nw > 0,
+                drop_last=True,
+                worker_init_fn=init_worker if nw else None,
+            )
+            it = iter(dl)
+            next(it)  # worker start-up excluded
+            t0, n = time.perf_counter(), 0
+            while n < args.samples:
+                try:
+                    n += len(next(it)["index"])
+                except StopIteration:
+                    it = iter(dl)
+            wall = time.perf_counter() - t0
+            rows.append(
+                {
+                    "bench": "data",
+                    "mode": "train",
+                    "seg_masks": False,
+                    "img_size": args.img_size,
+                    "images": f"{w}x{h} JPEG",
+                    "workers": f"{nw} (DataLoader)",
+                    "samples": n,
+                    "samples_per_s_wall": n / wall,
+                }
+            )
+            del it, dl
+    return rows
+
+
+# --- the training and evaluation steps users run ----------------------------------------------------
+# Official numerics (the 1.0x reference): fp32, text padded to 64 ids, the math attention kernel,
+# unfused AdamW, no compile.
+OFFICIAL_TEXT_LEN = 64
+DEFAULT_BATCH = {
+    "train": {"tiny": 32, "base": 64, "large": 32},
+    "infer": {"tiny": 64, "base": 128, "large": 64},
+    "mrefm": {"tiny": 32, "base": 64, "large": 32},
+}
+
+
+def git_commit() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("ONEREF_GIT_COMMIT", "unknown")
+
+
+def compose_bench_config(overrides: list[str], output_dir: Path) -> Any:
+    """The real training config (conf/train.yaml and its groups), composed as the CLI does."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from oneref.config import config_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(
+                config_name="train",
+                overrides=[*overrides, "logger=none", f"paths.output_dir={output_dir}"],
+            )
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def text_lengths(kind: str, b: int, gen: Any) -> Any:
+    """Ids per expression (bos + pieces + eos): ``64`` (every row full), ``realistic`` (RefCOCO-like:
+    85% of expressions 6-20 pieces, 10% 2-5, 5% 21-40) or an int N (every row N ids)."""
+    import torch
+
+    if kind == "realistic":
+        u = torch.rand(b, generator=gen)
+        pieces = torch.where(
+            u < 0.85,
+            torch.randint(6, 21, (b,), generator=gen),
+            torch.where(
+                u < 0.95, torch.randint(2, 6, (b,), generator=gen), torch.randint(21, 41, (b,), generator=gen)
+            ),
+        )
+        return (pieces + 2).clamp(max=OFFICIAL_TEXT_LEN)
+    n = int(kind)
+    if not 3 <= n <= OFFICIAL_TEXT_LEN:
+        raise ValueError(f"--text {kind}: a length must be within 3..{OFFICIAL_TEXT_LEN} ids, or 'realistic'")
+    return torch.full((b,), n)
+
+
+def synthetic_batch(
+    b: int, img: int, vocab: int, lengths: Any, pad_to: int | None, buckets: list[int] | None, gen: Any
+) -> dict[str, Any]:
+    """One batch with the layout of oneref.data.datasets.RefCollate (random content)."""
+    import torch
+
+    from oneref.data.config import check_text_buckets
+    from oneref.data.datasets import pad_to_bucket
+    from oneref.data.tokenizer import PAD_ID
+
+    width = int(lengths.max()) if pad_to is None else pad_to
+    pos = torch.arange(width)[None]
+    ids = torch.randint(4, vocab, (b, width), generator=gen)
+    ids[:, 0] = 0
+    ids = torch.where(pos == (lengths[:, None] - 1), torch.full_like(ids, 2), ids)  # eos
+    pad = pos >= lengths[:, None]
+    ids = ids.masked_fill(pad, PAD_ID)
+    if buckets and pad_to is None:
+        ids, pad = pad_to_bucket(ids, pad, check_text_buckets(buckets, OFFICIAL_TEXT_LEN))
+    cxcy = torch.rand(b, 2, generator=gen) * 0.5 + 0.25
+    wh = torch.rand(b, 2, generator=gen) * 0.3 + 0.1
+    x1y1, x2y2 = ((cxcy - wh / 2) * img), ((cxcy + wh / 2) * img)
+    grid = torch.arange(img, dtype=torch.float32) + 0.5
+    inside_x = (grid[None] >= x1y1[:, :1]) & (grid[None] < x2y2[:, :1])
+    inside_y = (grid[None] >= x1y1[:, 1:]) & (grid[None] < x2y2[:, 1:])
+    obj = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
+    return {
+        "image": torch.randn(b, 3, img, img, generator=gen),
+        "image_mask": torch.ones(b, img, img, dtype=torch.bool),
+        "text_ids": ids,
+        "text_padding_mask": pad,
+        "text_padded": bool(pad.any()),
+        "box": torch.cat([cxcy, wh], 1),
+        "obj_mask": obj,
+        "index": torch.arange(b),
+        "orig_size": torch.full((b, 2), img),
+        "letterbox": torch.tensor([[1.0, 0.0, 0.0]]).expand(b, 3).clone(),
+        "orig_box": torch.cat([x1y1, x2y2], 1),
+        "phrase": ["synthetic"] * b,
+        "image_file": ["synthetic.jpg"] * b,
+    }
+
+
+class FixedBatches:
+    """A map-style dataset of ready batches, cycled (``DataLoader(batch_size=None)``)."""
+
+    def __init__(self, batches: list[dict[str, Any]], length: int) -> None:
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.batches[i % len(self.batches)]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def make_step_timer(warmup: int, total: int) -> Any:
+    """A Lightning callback timing batches ``warmup .. total-1`` of fit or test: CUDA events per
+    step, a synchronize only at the two ends of the window, peak memory over the window."""
+    import lightning as L
+    import torch
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.starts: list[Any] = []
+            self.ends: list[Any] = []
+            self.wall: float | None = None
+            self.peak_gib: float | None = None
+            self.batch_shapes: list[tuple[int, int]] = []
+
+        def _cuda(self, pl_module: Any) -> bool:
+            return pl_module.device.type == "cuda"
+
+        def _mark(self, pl_module: Any) -> Any:
+            if self._cuda(pl_module):
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                return ev
+            return time.perf_counter()
+
+        def _start(self, pl_module: Any, batch: dict[str, Any], i: int) -> None:
+            if i < warmup:
+                return
+            if i == warmup:
+                if self._cuda(pl_module):
+                    torch.cuda.synchronize(pl_module.device)
+                    torch.cuda.reset_peak_memory_stats(pl_module.device)
+                self._t0 = time.perf_counter()
+            self.batch_shapes.append((int(batch["image"].shape[0]), int(batch["text_ids"].shape[1])))
+            self.starts.append(self._mark(pl_module))
+
+        def _end(self, pl_module: Any, i: int) -> None:
+            if i < warmup:
+                return
+            self.ends.append(self._mark(pl_module))
+            if i == total - 1:
+                if self._cuda(pl_module):
+                    torch.cuda.synchronize(pl_module.device)
+                    self.peak_gib = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+                self.wall = time.perf_counter() - self._t0
+
+        def step_ms(self) -> list[float]:
+            if self.starts and not isinstance(self.starts[0], float):
+                return [s.elapsed_time(e) for s, e in zip(self.starts, self.ends)]
+            return [1e3 * (e - s) for s, e in zip(self.starts, self.ends)]
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self._start(pl_module, batch, batch_idx)
+
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            self._end(pl_module, batch_idx)
+
+        def on_test_batch_start(
+            self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *_: Any
+        ) -> None:
+            self._start(pl_module, batch, batch_idx)
+
+        def on_test_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, *_: Any
+        ) -> None:
+            self._end(pl_module, batch_idx)
+
+    return StepTimer()
+
+
+def add_step_options(p: argparse.ArgumentParser, bench: str) -> None:
+    p.add_argument("--size", nargs="+", default=None, help="model sizes (default: base on CUDA, tiny on CPU)")
+    if bench != "mrefm":
+        p.add_argument("--task", nargs="+", default=["rec"], choices=["rec", "res"])
+        p.add_argument(
+            "--text",
+            nargs="+",
+            default=["64", "realistic"],
+            help="text ids per expression for 'ours': 64, realistic (RefCOCO-like 6-20 pieces) or an int; "
+            "the official mode always pads to 64",
+        )
+        p.add_argument(
+            "--text-buckets",
+            type=int,
+            nargs="*",
+            default=None,
+            help="pad to these lengths (data.text_buckets)",
+        )
+    p.add_argument("--batch", type=int, default=None, help=f"per device (default {DEFAULT_BATCH[bench]})")
+    p.add_argument("--img-size", type=int, default=None, help="default: 64 for tiny, 384 otherwise")
+    p.add_argument("--modes", nargs="+", default=["official", "ours"], choices=["official", "ours"])
+    p.add_argument(
+        "--precision", default="auto", help="trainer.precision of 'ours' (auto: bf16-mixed on CUDA)"
+    )
+    p.add_argument("--compile", action="store_true", help="model.compile=true for 'ours'")
+    p.add_argument(
+        "--compile-mode", default="default", help="model.compile_mode (reduce-overhead: CUDA graphs)"
+    )
+    p.add_argument("--grad-ckpt", action="store_true", help="model.grad_checkpointing=true for 'ours'")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"], help="model.attention for 'ours'")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
+    p.add_argument("--batches", type=int, default=4, help="distinct in-memory batches, cycled")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every configuration")
+
+
+@subcommand("train", "training samples/s, MFU and peak memory of the real GroundingModule step (Trainer.fit)")
+def train_bench(p: argparse.ArgumentParser) -> Runner:
+    add_step_options(p, "train")
+    return lambda args: run_step_bench(args, "train")
+
+
+@subcommand("infer", "evaluation samples/s of the real test step (Trainer.test: forward and metrics)")
+def infer_bench(p: argparse.ArgumentParser) -> Runner:
+    add_step_options(p, "infer")
+    return lambda args: run_step_bench(args, "infer")
+
+
+@subcommand("mrefm", "MRefM pretraining step (task=mrefm through the same factory), batches from its data")
+def mrefm_bench(p: argparse.ArgumentParser) -> Runner:
+    add_step_options(p, "mrefm")
+    return lambda args: run_step_bench(args, "mrefm")
+
+
+def _mode_overrides(args: argparse.Namespace, mode: str, accelerator: str) -> tuple[list[str], str]:
+    from oneref.factory import resolve_precision
+
+    if mode == "official":
+        return [
+            "trainer.precision=32-true",
+            "optim.optimizer.fused=false",
+            "model.compile=false",
+            "model.grad_checkpointing=false",
+            "model.attention=sdpa",
+        ], "32-true"
+    precision = args.precision
+    if precision == "auto":
+        precision = resolve_precision("auto") if accelerator == "gpu" else "32-true"
+    return [
+        f"trainer.precision={precision}",
+        f"model.compile={str(bool(args.compile)).lower()}",
+        f"model.compile_mode={args.compile_mode}",
+        f"model.grad_checkpointing={str(bool(args.grad_ckpt)).lower()}",
+        f"model.attention={args.attention}",
+    ], precision
+
+
+def _compose_for(
+    args: argparse.Namespace, bench: str, size: str, task: str, mode: str, out: Path
+) -> tuple[Any, str]:
+    import torch
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    accelerator = "gpu" if cuda else "cpu"
+    overrides, precision = _mode_overrides(args, mode, accelerator)
+    img = args.img_size or (64 if size == "tiny" else 384)
+    task_name = "mrefm" if bench == "mrefm" else task
+    group = [f"task={task_name}", f"model={size}", f"model.img_size={img}", *overrides]
+    if bench == "mrefm":
+        # its batches come from the real data pipeline with the MRefM fields, on the synthetic set
+        group += ["data=synthetic", "data.mrefm.enabled=true", "data.synthetic.num_train=512"]
+        group += ["data.pad_to_max_len=true"] if mode == "official" else []
+        if size != "tiny":  # a random VQ-KD of the released shape: the same compute without the file
+            group += [
+                "task.vqkd.checkpoint=null",
+                "task.vqkd.codebook_size=8192",
+                "task.vqkd.random={seed:0,embed_dim:768,depth:12,num_heads:12,code_dim:32,num_codes:8192}",
+            ]
+    cfg = compose_bench_config([*group, *args.override], out)
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.trainer.accelerator = accelerator
+        cfg.trainer.devices = 1
+        cfg.trainer.num_nodes = 1
+        cfg.trainer.max_epochs = 1
+        cfg.trainer.max_steps = args.warmup + args.steps
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.num_sanity_val_steps = 0
+        cfg.trainer.enable_checkpointing = False
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+        cfg.trainer.val_check_interval = None
+        cfg.data.num_workers = 0
+        cfg.strategy = {"_target_": "oneref.strategies.build_strategy", "name": "auto"}
+    return cfg, precision
+
+
+def _mrefm_batches(cfg: Any, n: int, b: int) -> list[dict[str, Any]]:
+    from oneref import factory
+
+    with __import__("omegaconf").open_dict(cfg):
+        cfg.data.batch_size = b
+    dm = factory.build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+def run_step_bench(args: argparse.Namespace, bench: str) -> list[dict[str, Any]]:
+    import lightning as L
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.data import DataLoader
+
+    from oneref import factory
+    from oneref.tasks.throughput import TRAIN_FLOPS_FACTOR, FlopModel, peak_flops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    sizes = args.size or (["base"] if cuda else ["tiny"])
+    tasks = getattr(args, "task", ["rec"]) if bench != "mrefm" else ["mrefm"]
+    texts = getattr(args, "text", ["data"]) if bench != "mrefm" else ["data"]
+    device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
+    common = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "git_commit": git_commit(),
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    peak = peak_flops(0) if cuda else None
+    total = args.warmup + args.steps
+    rows: list[dict[str, Any]] = []
+    flop_models: dict[tuple, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            for task in tasks:
+                for mode in args.modes:
+                    for text in ["64"] if mode == "official" and bench != "mrefm" else texts:
+                        cfg, precision = _compose_for(args, bench, size, task, mode, Path(tmp))
+                        b = args.batch or DEFAULT_BATCH[bench][size]
+                        L.seed_everything(args.seed, verbose=False)
+                        # built on the device: the official truncated-normal init is a rejection
+                        # loop over every weight, minutes for OneRef-L on a CPU (not timed either way)
+                        with torch.device("cuda" if cuda else "cpu"):
+                            module = factory.build_module(cfg)
+                        mcfg = module.model.cfg
+                        if bench == "mrefm":
+                            batches = _mrefm_batches(cfg, args.batches, b)
+                        else:
+                            gen = torch.Generator().manual_seed(args.seed)
+                            pad_to = OFFICIAL_TEXT_LEN if mode == "official" else None
+                            buckets = args.text_buckets if mode == "ours" else None
+                            batches = [
+                                synthetic_batch(
+                                    b,
+                                    mcfg.img_size,
+                                    mcfg.vocab_size,
+                                    text_lengths(text, b, gen),
+                                    pad_to,
+                                    buckets,
+                                    gen,
+                                )
+                                for _ in range(args.batches)
+                            ]
+                        if cuda:  # what pin_memory=true gives the real loader
+                            batches = [
+                                {
+                                    k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                                    for k, v in x.items()
+                                }
+                                for x in batches
+                            ]
+                        loader = DataLoader(
+                            FixedBatches(batches, total), batch_size=None, collate_fn=_identity
+                        )
+                        timer = make_step_timer(args.warmup, total)
+                        trainer = factory.build_trainer(cfg, callbacks=[timer])
+                        kernel = sdpa_kernel(SDPBackend.MATH) if mode == "official" else _null()
+                        row: dict[str, Any] = {
+                            "bench": bench,
+                            "mode": mode,
+                            "size": size,
+                            "task": task,
+                            "img_size": mcfg.img_size,
+                            "batch": b,
+                            "precision": precision,
+                            "compile": bool(cfg.model.compile),
+                            "compile_mode": str(cfg.model.get("compile_mode", "default")),
+                            "grad_ckpt": bool(cfg.model.grad_checkpointing),
+                            "attention": str(cfg.model.get("attention", "sdpa")),
+                            "fused_adamw": bool(cfg.optim.optimizer.get("fused", False)) and cuda,
+                            "text": text,
+                            "text_buckets": args.text_buckets
+                            if mode == "ours" and bench != "mrefm"
+                            else None,
+                            "steps": args.steps,
+                            "warmup": args.warmup,
+                        }
+                        try:
+                            with kernel:
+                                if bench == "infer":
+                                    module.eval()
+                                    trainer.test(module, dataloaders=loader, verbose=False)
+                                else:
+                                    trainer.fit(module, train_dataloaders=loader)
+                        except torch.OutOfMemoryError:
+                            rows.append({**row, **common, "error": "out of memory"})
+                            log.info("%s", rows[-1])
+                            del module, trainer
+                            torch.cuda.empty_cache()
+                            continue
+                        if timer.wall is None:
+                            raise RuntimeError(f"{bench}: fewer than {total} batches ran; nothing timed")
+                        ms = sorted(timer.step_ms())
+                        samples = sum(s for s, _ in timer.batch_shapes)
+                        key = (size, task, mcfg.img_size)
+                        if key not in flop_models:
+                            flop_models[key] = FlopModel(mcfg)
+                        flops = flop_models[key]
+                        fwd = sum(s * flops(n) for s, n in timer.batch_shapes) / samples
+                        factor = 1 if bench == "infer" else TRAIN_FLOPS_FACTOR
+                        sps = samples / timer.wall
+                        row.update(
+                            {
+                                "text_ids_mean": sum(n for _, n in timer.batch_shapes)
+                                / len(timer.batch_shapes),
+                                "samples_per_s": sps,
+                                "ms_per_step_median": ms[len(ms) // 2],
+                                "ms_per_step_min": ms[0],
+                                "fwd_gflops_per_sample": fwd / 1e9,
+                                "tflops_per_s": sps * factor * fwd / 1e12,
+                                "mfu": sps * factor * fwd / peak if peak else None,
+                                "peak_flops": peak,
+                            }
+                        )
+                        if cuda:
+                            row["peak_mem_gib"] = timer.peak_gib
+                        else:
+                            # the process's peak so far (CPU runs report it for context only)
+                            row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                        rows.append({**row, **common})
+                        log.info("%s", json.dumps(rows[-1]))
+                        del module, trainer, batches, loader, timer
+                        gc.collect()  # the next configuration's memory figure starts clean
+                        if cuda:
+                            torch.cuda.empty_cache()
+    ref = {
+        (r["size"], r["task"], r["batch"]): r["samples_per_s"]
+        for r in rows
+        if r["mode"] == "official" and "samples_per_s" in r
+    }
+    for r in rows:
+        base = ref.get((r["size"], r["task"], r["batch"]))
+        if base and "samples_per_s" in r:
+            r["speedup_vs_official"] = r["samples_per_s"] / base
+    return rows
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+@subcommand("all", "data, then train")
+def all_bench(p: argparse.ArgumentParser) -> Runner:
+    data_defaults = argparse.ArgumentParser()
+    data_bench(data_defaults)
+    train_defaults = argparse.ArgumentParser()
+    train_bench(train_defaults)
+
+    def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+        rows = run_data_bench(data_defaults.parse_args([]))
+        return rows + run_step_bench(train_defaults.parse_args([]), "train")
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    runners: dict[str, Runner] = {}
+    for name, (help_text, add) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument(
+            "--out",
+            type=Path,
+            default=None,
+            help=f"JSON lines, one per configuration (default bench_{name}.jsonl)",
+        )
+        runners[name] = add(sp)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("oneref", "lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    rows = runners[args.command](args)
+    out = args.out or Path(f"bench_{args.command}.jsonl")
+    machine = machine_info()
+    with out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({"command": args.command, **r, "machine": machine}) + "\n")
+    log.info("%s\nappended %d rows to %s", format_table(rows), len(rows), out)
+    return 0
+>>>>>>> D
 
 from oneref.benchmark import main
 

@@ -213,8 +213,8 @@ def test_datamodule_parses_once_with_spacy_and_logs_the_backend(
     records = [("COCO_1.jpg", {"height": 40, "width": 50}, [5, 5, 20, 20], c["text"], None) for c in usable]
     (splits / "single_dataset/unc").mkdir(parents=True)
     torch.save(records, splits / "single_dataset/unc/unc_train.pth")
-    dm = RefDataModule(
-        dataset="unc", data_root=data, split_root=splits, tokenizer=GOLDEN / "spm.model", img_size=64,
+    dm = RefDataModule.from_config(
+        dataset="refcoco", data_root=data, split_root=splits, tokenizer=GOLDEN / "spm.model", img_size=64,
         max_query_len=12, batch_size=len(records), num_workers=0, pin_memory=False, val_split=[],
         mrefm={"enabled": True, "patch_size": 16, "spacy_model": str(pipeline), "cache_dir": str(tmp_path / "c")},
     )  # fmt: skip

@@ -78,7 +78,7 @@ def test_task_model_grid_composes(make_cfg, task, model):
 
 def test_rec_mixup_large_is_the_official_recipe(make_cfg):
     cfg = make_cfg("task=rec_mixup", "model=large")
-    assert cfg.data.dataset == "mixup_with_refc"
+    assert cfg.data.dataset == "mixup_refc"
     assert cfg.task.losses.use_regress_box and cfg.task.losses.use_box_mask_constraints
     assert not cfg.task.losses.use_mask_loss
     assert cfg.optim.lr == pytest.approx(3e-5)
@@ -126,4 +126,4 @@ def test_cli_cfg_job_composes():
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "mixup_with_refc" in out.stdout and "size: large" in out.stdout
+    assert "dataset: mixup_refc" in out.stdout and "size: large" in out.stdout

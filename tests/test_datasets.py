@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from oneref.data.baseline import mean_train_box
+from oneref.data.config import DataConfig
 from oneref.data.datamodule import RefDataModule
 from oneref.data.datasets import RefCollate, RefDataset, SampleError
-from oneref.data.records import RecordError, load_split_file, parse_record
+from oneref.data.records import OFFICIAL_NAMES, RecordError, load_split_file, parse_record
 from oneref.data.tokenizer import train_sentencepiece
 from oneref.data.transforms import letterbox_box
 from oneref.data.verify import main as verify_main
@@ -67,8 +69,9 @@ def _jpeg(path: Path, w: int, h: int, seed: int) -> None:
     Image.fromarray(arr).save(path, "JPEG", quality=90)
 
 
-def _split(root: Path, ds: str, split: str, records: list, flat: bool = False) -> Path:
-    """Write a split file in the released annotation layout (or the flat one)."""
+def _split(root: Path, dataset: str, split: str, records: list, flat: bool = False) -> Path:
+    """Write a split file in the released annotation layout (or the flat one), named as released."""
+    ds = OFFICIAL_NAMES[dataset]
     if flat:
         path = root / ds / f"{ds}_{split}.pth"
     elif ds.startswith("mixup"):
@@ -93,13 +96,13 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             else "Flickr30k/flickr30k-images"
         )
         _jpeg(data / sub / name, w, h, k)
-    for ds in ("unc", "unc+", "gref_umd"):
+    for ds in ("refcoco", "refcoco_plus", "refcocog_umd"):
         for split in ("train", "val", "testA", "testB", "test"):
             _split(splits, ds, split, COCO_RECORDS)
     for split in ("train", "val", "test", "trainval"):
         _split(splits, "referit", split, REFERIT_RECORDS)
         _split(splits, "flickr", split, FLICKR_RECORDS)
-    for ds in ("mixup_with_refc", "mixup_with_refc_referit"):
+    for ds in ("mixup_refc", "mixup_refc_referit"):
         for split in ("train", "val", "test"):
             _split(splits, ds, split, MIXUP_RECORDS)
     phrases = [r[3] for r in COCO_RECORDS + REFERIT_RECORDS] + [r[2] for r in FLICKR_RECORDS]
@@ -120,11 +123,19 @@ def _dm(paths: dict[str, Path], dataset: str, **kw) -> RefDataModule:
         num_workers=0,
         pin_memory=False,
     )
-    return RefDataModule(**{**args, **kw})
+    return RefDataModule(DataConfig(**{**args, **kw}))
+
+
+def _ds(
+    dataset: str, split: str, data_root: Path, split_root: Path, *, train: bool = False, **kw
+) -> RefDataset:
+    """One split, the other options as DataConfig fields."""
+    config = DataConfig(dataset=dataset, data_root=data_root, split_root=split_root, **kw)
+    return RefDataset(config, split, train=train)
 
 
 def test_record_formats_and_box_truncation() -> None:
-    r = parse_record("unc", COCO_RECORDS[0])
+    r = parse_record("refcoco", COCO_RECORDS[0])
     assert (r.source, r.box, r.size, r.phrase) == ("coco", (10, 20, 40, 60), (90, 120), "the red car")
     assert r.box_xywh == (10.7, 20.2, 30.9, 40.5) and r.segmentation == POLY
     r = parse_record("referit", REFERIT_RECORDS[0])
@@ -132,20 +143,21 @@ def test_record_formats_and_box_truncation() -> None:
     assert r.box_xywh == pytest.approx((3.9, 4.2, 46.8, 55.9))
     r = parse_record("flickr", FLICKR_RECORDS[0])
     assert (r.source, r.box) == ("flickr", (10, 15, 90, 70))
-    kinds = [parse_record("mixup_with_refc_referit", m) for m in MIXUP_RECORDS]
+    kinds = [parse_record("mixup_refc_referit", m) for m in MIXUP_RECORDS]
     assert [k.source for k in kinds] == ["coco", "referit", "flickr"]
     assert kinds[1].box == (3, 4, 49, 59) and kinds[1].segmentation is None  # xywh in mixups
     assert kinds[2].box == (10, 15, 90, 69)
     with pytest.raises(RecordError, match="5 fields"):
-        parse_record("unc", COCO_RECORDS[0][:4], "unc_train.pth record 3")
+        parse_record("refcoco", COCO_RECORDS[0][:4], "unc_train.pth record 3")
     with pytest.raises(RecordError, match="image folder"):
-        parse_record("mixup_with_refc", ("x.jpg", "imagenet", [0, 0, 1, 1], "a", None))
+        parse_record("mixup_refc", ("x.jpg", "imagenet", [0, 0, 1, 1], "a", None))
     with pytest.raises(RecordError, match="is not 4 finite numbers"):
         parse_record("flickr", ("a.jpg", [1, 2, 3], "x"))
 
 
 @pytest.mark.parametrize(
-    "dataset", ["unc", "unc+", "gref_umd", "referit", "flickr", "mixup_with_refc", "mixup_with_refc_referit"]
+    "dataset",
+    ["refcoco", "refcoco_plus", "refcocog_umd", "referit", "flickr", "mixup_refc", "mixup_refc_referit"],
 )
 def test_datamodule_reads_every_format(fake_root: dict[str, Path], dataset: str) -> None:
     dm = _dm(fake_root, dataset, augment={"aug_crop": True, "aug_translate": True})
@@ -182,20 +194,20 @@ def test_datamodule_reads_every_format(fake_root: dict[str, Path], dataset: str)
 def test_flat_split_layout_is_read_too(fake_root: dict[str, Path], tmp_path: Path) -> None:
     """The flat {dataset}/{dataset}_{split}.pth layout is the alternative to the released one."""
     for split in ("train", "val", "test"):
-        _split(tmp_path, "mixup_with_refc", split, MIXUP_RECORDS[:2], flat=True)
-        _split(tmp_path, "gref_umd", split, COCO_RECORDS[:1], flat=True)
-    dm = _dm(fake_root, "mixup_with_refc", split_root=tmp_path)
+        _split(tmp_path, "mixup_refc", split, MIXUP_RECORDS[:2], flat=True)
+        _split(tmp_path, "refcocog_umd", split, COCO_RECORDS[:1], flat=True)
+    dm = _dm(fake_root, "mixup_refc", split_root=tmp_path)
     dm.setup("fit")
     assert len(dm.train_set) == 2 and next(iter(dm.train_dataloader()))["image"].shape == (2, 3, 64, 64)
-    assert len(RefDataset("gref_umd", "test", fake_root["data"], tmp_path)) == 1
+    assert len(_ds("refcocog_umd", "test", fake_root["data"], tmp_path)) == 1
     # both layouts present: the released file wins
-    _split(tmp_path, "gref_umd", "test", COCO_RECORDS)
-    assert len(RefDataset("gref_umd", "test", fake_root["data"], tmp_path)) == len(COCO_RECORDS)
+    _split(tmp_path, "refcocog_umd", "test", COCO_RECORDS)
+    assert len(_ds("refcocog_umd", "test", fake_root["data"], tmp_path)) == len(COCO_RECORDS)
     assert verify_main(["--data-root", str(fake_root["data"]), "--split-root", str(tmp_path)]) == 0
 
 
 def test_seg_masks_are_the_decoded_polygons(fake_root: dict[str, Path]) -> None:
-    dm = _dm(fake_root, "unc", seg_masks=True, test_splits=["val"])
+    dm = _dm(fake_root, "refcoco", seg_masks=True, test_splits=["val"])
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()[0]))
     i = batch["index"].tolist().index(0)
@@ -205,7 +217,7 @@ def test_seg_masks_are_the_decoded_polygons(fake_root: dict[str, Path]) -> None:
     want[8:56] = small  # 120x90 -> 64x48, padded top round(16/2 - 0.1) = 8
     assert torch.equal(batch["obj_mask"][i, 0], want)
     # without seg masks: the box rectangle
-    dm = _dm(fake_root, "unc", seg_masks=False, test_splits=["val"])
+    dm = _dm(fake_root, "refcoco", seg_masks=False, test_splits=["val"])
     dm.setup("test")
     b2 = next(iter(dm.test_dataloader()[0]))
     ys, xs = torch.nonzero(b2["obj_mask"][i, 0], as_tuple=True)
@@ -217,8 +229,8 @@ def test_seg_masks_are_the_decoded_polygons(fake_root: dict[str, Path]) -> None:
 
 def test_trainval_padding_and_epochs(fake_root: dict[str, Path]) -> None:
     common = dict(data_root=fake_root["data"], split_root=fake_root["splits"], img_size=64)
-    assert len(RefDataset("unc", "trainval", **common)) == 2 * len(COCO_RECORDS)  # train + val
-    assert len(RefDataset("referit", "trainval", **common)) == len(REFERIT_RECORDS)  # own file
+    assert len(_ds("refcoco", "trainval", **common)) == 2 * len(COCO_RECORDS)  # train + val
+    assert len(_ds("referit", "trainval", **common)) == len(REFERIT_RECORDS)  # own file
     dm = _dm(fake_root, "flickr", pad_to_max_len=True)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -231,9 +243,9 @@ def test_trainval_padding_and_epochs(fake_root: dict[str, Path]) -> None:
     assert torch.equal(a, collate([ds[0]])["image"])
     ds.set_epoch(1)
     assert not torch.equal(a, collate([ds[0]])["image"])
-    assert dm.mean_train_box().shape == (4,)
+    assert mean_train_box(dm).shape == (4,)
     boxes = [letterbox_box(parse_record("flickr", r).box, 80, 110, 64) for r in FLICKR_RECORDS]
-    torch.testing.assert_close(dm.mean_train_box(), torch.tensor(np.mean(boxes, 0), dtype=torch.float32))
+    torch.testing.assert_close(mean_train_box(dm), torch.tensor(np.mean(boxes, 0), dtype=torch.float32))
 
 
 def test_cache_samples_serves_the_same_samples_without_decoding(
@@ -241,9 +253,9 @@ def test_cache_samples_serves_the_same_samples_without_decoding(
 ) -> None:
     common = dict(data_root=fake_root["data"], split_root=fake_root["splits"], img_size=64)
     with pytest.raises(ValueError, match="augmentation is on"):
-        RefDataset("unc", "train", train=True, cache_samples=True, **common)
-    plain = RefDataset("unc", "val", **common)
-    cached = RefDataset("unc", "val", cache_samples=True, **common)
+        _ds("refcoco", "train", train=True, cache_samples=True, **common)
+    plain = _ds("refcoco", "val", **common)
+    cached = _ds("refcoco", "val", cache_samples=True, **common)
     first = [cached[i] for i in range(len(cached))]
     # a second pass reads nothing from disk
     monkeypatch.setattr("oneref.data.datasets.Image.open", lambda *a, **k: pytest.fail("decoded again"))
@@ -253,28 +265,30 @@ def test_cache_samples_serves_the_same_samples_without_decoding(
     for i in range(len(plain)):
         a, b = plain[i]["result"], cached[i]["result"]
         assert torch.equal(a.image(), b.image()) and torch.equal(a.obj_mask(), b.obj_mask())
-    train = RefDataset("unc", "train", train=True, augment={"enabled": False}, cache_samples=True, **common)
+    train = _ds("refcoco", "train", train=True, augment={"enabled": False}, cache_samples=True, **common)
     assert train[0] is train[0]
 
 
 def test_missing_root_and_split_file(fake_root: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="data root not found") as err:
-        _dm(fake_root, "unc", data_root=tmp_path / "nowhere").setup("fit")
+        _dm(fake_root, "refcoco", data_root=tmp_path / "nowhere").setup("fit")
     assert "Expected layout" in str(err.value) and "other/images/mscoco" in str(err.value)
-    with pytest.raises(FileNotFoundError, match="split file not found .*'unc', split 'val'.*tried") as err:
-        _dm(fake_root, "unc", split_root=tmp_path).setup("test")
+    with pytest.raises(
+        FileNotFoundError, match="split file not found .*'refcoco', split 'val'.*tried"
+    ) as err:
+        _dm(fake_root, "refcoco", split_root=tmp_path).setup("test")
     msg = str(err.value)
     assert (
         str(tmp_path / "single_dataset/unc/unc_val.pth") in msg and str(tmp_path / "unc/unc_val.pth") in msg
     )
-    assert "<split_root>/single_dataset/<dataset>/<dataset>_<split>.pth" in msg
-    assert "<split_root>/<dataset>/<dataset>_<split>.pth" in msg
+    assert "<split_root>/single_dataset/<name>/<name>_<split>.pth" in msg and "refcoco: unc" in msg
+    assert "<split_root>/<name>/<name>_<split>.pth" in msg
     with pytest.raises(FileNotFoundError) as err:
-        _dm(fake_root, "mixup_with_refc", split_root=tmp_path).setup("fit")
+        _dm(fake_root, "mixup_refc", split_root=tmp_path).setup("fit")
     assert str(tmp_path / "mixup_with_refc/mixup/mixup_train.pth") in str(err.value)
     assert str(tmp_path / "mixup_with_refc/mixup_with_refc_train.pth") in str(err.value)
     with pytest.raises(ValueError, match="valid splits"):
-        RefDataset("gref", "testA", fake_root["data"], fake_root["splits"])
+        _ds("refcocog_google", "testA", fake_root["data"], fake_root["splits"])
 
 
 @pytest.fixture()
@@ -294,7 +308,7 @@ def bad_root(tmp_path: Path, fake_root: dict[str, Path]) -> Path:
         ("COCO_good.jpg", size, [5, 5, 0.5, 20], "thin", POLY),
         ("COCO_good.jpg", size, [50, 5, 20, 20], "outside", POLY),
     ]
-    _split(tmp_path / "splits", "unc", "train", records)
+    _split(tmp_path / "splits", "refcoco", "train", records)
     return tmp_path
 
 
@@ -308,13 +322,13 @@ def bad_root(tmp_path: Path, fake_root: dict[str, Path]) -> Path:
     ],
 )
 def test_bad_samples_raise_naming_the_sample(bad_root: Path, index: int, match: str) -> None:
-    ds = RefDataset("unc", "train", bad_root, bad_root / "splits", img_size=32, train=True)
-    with pytest.raises(SampleError, match=f"unc/train sample {index} .*{match}"):
+    ds = _ds("refcoco", "train", bad_root, bad_root / "splits", img_size=32, train=True)
+    with pytest.raises(SampleError, match=f"refcoco/train sample {index} .*{match}"):
         ds[index]
 
 
 def test_skip_mode_counts_and_reports(bad_root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    ds = RefDataset("unc", "train", bad_root, bad_root / "splits", img_size=32, bad_samples="skip")
+    ds = _ds("refcoco", "train", bad_root, bad_root / "splits", img_size=32, bad_samples="skip")
     with caplog.at_level(logging.WARNING, logger="oneref.data.datasets"):
         got = [ds[i]["phrase"] for i in range(len(ds))]
     assert got == ["good one", "outside", "outside", "outside", "outside", "outside"]
@@ -331,8 +345,9 @@ def test_epoch_end_callback_reports_skipped_samples(
 
     from oneref.tasks.callbacks import BadSampleReport
 
-    dm = RefDataModule(
-        dataset="unc", data_root=bad_root, split_root=bad_root / "splits", tokenizer=fake_root["tok"],
+    dm = _dm(
+        {"data": bad_root, "splits": bad_root / "splits", "tok": fake_root["tok"]},
+        "refcoco", data_root=bad_root, split_root=bad_root / "splits", tokenizer=fake_root["tok"],
         img_size=32, max_query_len=12, batch_size=2, num_workers=0, pin_memory=False,
         bad_samples="skip", augment={"enabled": False}, val_split=[], test_splits=["train"],
     )  # fmt: skip
@@ -343,7 +358,7 @@ def test_epoch_end_callback_reports_skipped_samples(
     module = SimpleNamespace(log_dict=lambda d, **kw: logged.update(d, **{"_kw": kw}))
     with caplog.at_level(logging.WARNING, logger="oneref.data.datamodule"):
         BadSampleReport().on_train_epoch_end(SimpleNamespace(datamodule=dm), module)
-    assert logged["data/skipped/unc/train"] == 4.0 and logged["_kw"]["reduce_fx"] == "sum"
+    assert logged["data/skipped/refcoco/train"] == 4.0 and logged["_kw"]["reduce_fx"] == "sum"
     assert any(
         "4 samples skipped" in r.getMessage() and "COCO_missing.jpg" in r.getMessage() for r in caplog.records
     )
@@ -352,13 +367,13 @@ def test_epoch_end_callback_reports_skipped_samples(
 def test_unparsable_records_raise_or_skip(tmp_path: Path, fake_root: dict[str, Path]) -> None:
     _split(tmp_path / "splits", "flickr", "train", [FLICKR_RECORDS[0], ("2000.jpg", "no box")])
     with pytest.raises(RecordError, match="flickr_train.pth record 1"):
-        RefDataset("flickr", "train", fake_root["data"], tmp_path / "splits")
-    ds = RefDataset("flickr", "train", fake_root["data"], tmp_path / "splits", bad_samples="skip")
+        _ds("flickr", "train", fake_root["data"], tmp_path / "splits")
+    ds = _ds("flickr", "train", fake_root["data"], tmp_path / "splits", bad_samples="skip")
     assert len(ds) == 1 and ds.num_unparsable == 1
 
 
 def test_worker_error_names_the_sample(bad_root: Path) -> None:
-    ds = RefDataset("unc", "train", bad_root, bad_root / "splits", img_size=32)
+    ds = _ds("refcoco", "train", bad_root, bad_root / "splits", img_size=32)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(ds, [1]), batch_size=1, num_workers=1, collate_fn=RefCollate(8)
     )
@@ -392,7 +407,7 @@ def test_verify_cli(
 
     rep = json.loads(out.read_text())
     row = rep["splits"][0]
-    assert (row["dataset"], row["split"], row["records"]) == ("unc", "train", 6)
+    assert (row["dataset"], row["split"], row["records"]) == ("refcoco", "train", 6)
     assert (row["missing_image"], row["empty_phrase"], row["degenerate_box"], row["box_outside"]) == (
         1,
         1,
@@ -401,7 +416,7 @@ def test_verify_cli(
     )
     splits = bad_root / "splits"
     assert rep["problems"] == [
-        f"unc: missing split file {splits}/single_dataset/unc/unc_{s}.pth or {splits}/unc/unc_{s}.pth"
+        f"refcoco: missing split file {splits}/single_dataset/unc/unc_{s}.pth or {splits}/unc/unc_{s}.pth"
         for s in ("val", "testA", "testB")
     ]
     rc = verify_main(

@@ -20,8 +20,8 @@ from omegaconf import open_dict
 from helpers.compose import TINY_SYNTHETIC, train_tiny_checkpoint
 from oneref.checkpoint import CheckpointError
 from oneref.checkpoint.resume import newest_intact_checkpoint, resolve_ckpt_path
-from oneref.data.datamodule import ShardSampler
 from oneref.data.datasets import pad_index
+from oneref.data.samplers import ShardSampler
 from oneref.train import train
 
 SYNTHETIC = [f"data.synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]

@@ -24,15 +24,8 @@ ALL_EXPERIMENTS = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml") if not p.
 # transfer recipes (REC/RES fine-tuning); the MRefM pretraining ones are tested in test_mrefm.py
 EXPERIMENTS = [n for n in ALL_EXPERIMENTS if not n.startswith("mrefm_pretrain_")]
 
-# Our data config per official dataset name (official datasets/data_loader.py).
-DATASETS = {
-    "refcoco": "unc",
-    "refcoco_plus": "unc+",
-    "refcocog_umd": "gref_umd",
-    "referit": "referit",
-    "flickr": "flickr",
-    "mixup": "mixup_with_refc",
-}
+# The dataset of an experiment name's data part (the same name, but for the RefCOCO/+/g mix).
+DATASETS = {"mixup": "mixup_refc"}
 NAME = re.compile(
     r"^(?P<task>rec|res)_(?P<mrefm>mrefm_)?(?P<data>refcoco_plus|refcocog_umd|refcoco|referit|flickr|mixup)"
     r"_(?P<size>base|large)_stage(?P<stage>[12])$"
@@ -56,7 +49,7 @@ def expected(name: str) -> dict:
         batch = 32 if from_mrefm or data in ("referit", "flickr") else 24
     return {
         "task": task,
-        "dataset": DATASETS[data],
+        "dataset": DATASETS.get(data, data),
         "size": size,
         "stage": stage,
         "epochs": 10 if stage == 1 else 20,

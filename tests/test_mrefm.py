@@ -181,7 +181,7 @@ def test_pretraining_experiments_compose_and_fast_dev_run(make_cfg, name):
 
     real = compose_unshrunk([f"experiment={name}"])
     assert real.task.name == "mrefm" and real.data.mrefm.enabled and real.test is False
-    assert real.data.dataset == ("mixup_with_refc" if "_res_" in name else "mixup_with_refc_referit")
+    assert real.data.dataset == ("mixup_refc" if "_res_" in name else "mixup_refc_referit")
     assert real.task.vqkd.codebook_size == 8192 and real.task.vqkd.checkpoint.endswith("d5036aa7.pth")
     if name.endswith("stage1"):
         assert real.task.frozen_backbone and real.trainer.max_epochs == 10 and real.data.batch_size == 64

@@ -12,6 +12,7 @@ from PIL import Image
 
 from helpers.golden import GOLDEN_ROOT
 from oneref.data.anchors import RuleAnchorParser, anchor_piece_indices
+from oneref.data.config import DataConfig
 from oneref.data.datamodule import RefDataModule
 from oneref.data.datasets import RefCollate, RefDataset
 from oneref.data.masking import ReferringMaskGenerator, visual_target_relation_scores
@@ -66,13 +67,13 @@ def tok() -> Tokenizer:
 
 def _dm(root: Path, mrefm=None, **kw) -> RefDataModule:
     args = dict(
-        dataset="unc", data_root=root / "data", split_root=root / "splits", tokenizer=GOLDEN / "spm.model",
+        dataset="refcoco", data_root=root / "data", split_root=root / "splits", tokenizer=GOLDEN / "spm.model",
         img_size=64, max_query_len=12, batch_size=4, num_workers=0, pin_memory=False, augment=AUGMENT,
         seed=5, val_split=[],
     )  # fmt: skip
     if mrefm is not None:
         mrefm = {"cache_dir": str(root / "anchors"), **mrefm}
-    dm = RefDataModule(**{**args, **kw}, mrefm=mrefm)
+    dm = RefDataModule(DataConfig(**{**args, **kw}, mrefm=mrefm))
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -226,7 +227,7 @@ def test_six_training_scales_as_the_official_mim_pipeline(root: Path) -> None:
 def test_mixup_and_evaluation_splits(root: Path) -> None:
     """Training and validation batches carry the MRefM inputs (validation with the same masks at
     every epoch, for comparable MIM/MLM metrics); test batches do not."""
-    dm = _dm(root, MRefM, dataset="mixup_with_refc", val_split="val", test_splits=["train"])
+    dm = _dm(root, MRefM, dataset="mixup_refc", val_split="val", test_splits=["train"])
     assert "mlm_labels" in next(iter(dm.train_dataloader()))
     first, again = (next(iter(dm.val_dataloader())) for _ in range(2))
     dm.trainer = None
@@ -259,12 +260,14 @@ def test_bad_configuration(root: Path, tok: Tokenizer) -> None:
         _dm(root, {**MRefM, "patch_size": 24})
     with pytest.raises(FileNotFoundError, match="split file not found .*tried"):
         _dm(root, MRefM, split_root=root / "data")  # prepare_data: no parse of a missing file
-    common = dict(data_root=root / "data", split_root=root / "splits", img_size=64, train=True, mrefm=MRefM)
+    config = DataConfig(
+        dataset="refcoco", data_root=root / "data", split_root=root / "splits", img_size=64, mrefm=MRefM
+    )
     with pytest.raises(ValueError, match="needs the dataset to tokenise"):
-        RefDataset("unc", "train", **common)
+        RefDataset(config, "train", train=True)
     with pytest.raises(ValueError, match="needs the subject/object anchors"):
-        RefDataset("unc", "train", tokenizer=tok, **common)
+        RefDataset(config, "train", train=True, tokenizer=tok)
     with pytest.raises(
         ValueError, match="8 phrases have no parsed anchors, e.g. sample 0 'man in red shirt'"
     ):
-        RefDataset("unc", "train", tokenizer=tok, anchors={}, **common)
+        RefDataset(config, "train", train=True, tokenizer=tok, anchors={})

@@ -13,8 +13,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from oneref.checkpoint import load_model
-from oneref.data.datamodule import MAX_AUTO_WORKERS, resolve_num_workers
-from oneref.data.datasets import RefCollate, check_text_buckets, pad_to_bucket
+from oneref.data.config import check_text_buckets
+from oneref.data.datasets import RefCollate, pad_to_bucket
+from oneref.data.workers import MAX_AUTO_WORKERS, resolve_num_workers
 from oneref.models.beit3 import key_padding_block_mask
 from oneref.models.registry import create_model
 from oneref.parity import PARITY_TOL, golden_config, golden_numerics
@@ -239,7 +240,7 @@ def test_text_buckets_reach_the_training_batches(make_cfg) -> None:
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["text_ids"].shape[1] in (8, 16, 20)
-    assert dm.hparams["text_buckets"] == [8, 16, 20]
+    assert dm.hparams["data"]["text_buckets"] == [8, 16, 20]
 
 
 # -- loader workers -------------------------------------------------------------------------------

@@ -129,10 +129,10 @@ def test_augmentation_invariants(img_size: int, backend: str) -> None:
             continue
         x1, y1, x2, y2 = _mask_bbox(obj)
         scale = out.letterbox[0]
-        tol = 1.0 + scale * (out.frame_size[0] / img.height if out.frame_size[0] != img.height else 1)
+        tol = 1.0 + scale * (out.orig_size[0] / img.height if out.orig_size[0] != img.height else 1)
         assert abs(x1 - (cx - bw / 2)) <= tol and abs(x2 - (cx + bw / 2)) <= tol
         assert abs(y1 - (cy - bh / 2)) <= tol and abs(y2 - (cy + bh / 2)) <= tol
-        branches.add(out.frame_size != (img.height, img.width))
+        branches.add(out.orig_size != (img.height, img.width))
     assert branches == {False, True}  # both RandomSelect branches were exercised
 
 

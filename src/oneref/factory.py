@@ -37,7 +37,16 @@ def resolve_precision(precision: Any) -> Any:
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    return hydra.utils.instantiate(cfg.data, _convert_="all")
+    from hydra.errors import InstantiationException
+
+    from oneref.errors import UserError
+
+    try:
+        return hydra.utils.instantiate(cfg.data, _convert_="all")
+    except InstantiationException as e:  # a bad data option: the user's error, not Hydra's wrapper
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:

@@ -1,4 +1,4 @@
-"""What a run tells its user: run facts for the loggers, the result table, the baseline."""
+"""What a run tells its user: run facts for the loggers and the result table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import warnings
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -53,28 +52,6 @@ def log_run_facts(trainer: L.Trainer, cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams({"run": facts, "config": to_container(cfg)})
     return facts
-
-
-def mean_box_baseline(datamodule: Any, dataset: str, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Acc@0.5 of always predicting the mean training box, per test split.
-
-    Call it on every rank of a distributed run: each rank reads its shard of the test loaders and
-    the metric sums over all ranks, so the figure covers the whole split exactly (padding repeats
-    count zero). ``device``: where the metric states live (the process group's device for NCCL).
-    """
-    from oneref.tasks.metrics import RECMetrics
-
-    mean_box = torch.as_tensor(datamodule.mean_train_box(), dtype=torch.float32, device=device)
-    loaders = datamodule.test_dataloader()
-    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    out = {}
-    for split, loader in zip(datamodule.test_split_names, loaders):
-        metric = RECMetrics().to(device)
-        for batch in loader:
-            gt = batch["box"].to(device)
-            metric.update(mean_box.expand_as(gt), gt, valid=batch["valid"])
-        out[f"baseline/{dataset}/{split}/acc@0.5"] = float(metric.compute()["acc@0.5"])
-    return out
 
 
 def print_results(metrics: dict[str, float], title: str, checkpoint: str | None = None) -> None:

@@ -22,11 +22,11 @@ from omegaconf import DictConfig
 from oneref import factory
 from oneref.checkpoint.resume import resolve_ckpt_path, resume_mismatch
 from oneref.config import config_dir
+from oneref.data.baseline import mean_box_baseline
 from oneref.distributed import apply_global_batch, check_multi_node, install_hydra_ddp_launch
 from oneref.reporting import (
     finish_loggers,
     log_run_facts,
-    mean_box_baseline,
     print_results,
     quiet_third_party,
 )

@@ -1,4 +1,5 @@
-"""Data: tokenizer, official split files, transforms, datasets, the DataModule, the synthetic set.
+"""Data: options (DataConfig), tokenizer, official split files, transforms, datasets, the DataModule,
+the synthetic set.
 
 Names are imported lazily, so `oneref.data.tokenizer` or the verify CLI do not pull in Lightning.
 """
@@ -9,6 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "DataConfig": "config",
     "RefDataModule": "datamodule",
     "RefCollate": "datasets",
     "RefDataset": "datasets",
@@ -18,6 +20,7 @@ _EXPORTS = {
     "load_image": "images",
     "load_photo": "images",
     "DATASETS": "records",
+    "OFFICIAL_NAMES": "records",
     "SPLITS": "records",
     "RefRecord": "records",
     "parse_record": "records",

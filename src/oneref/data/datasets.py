@@ -27,9 +27,9 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from oneref.data.anchors import Anchors
+from oneref.data.config import DataConfig, check_text_buckets
 from oneref.data.mrefm import MIM_NUM_SCALES, MRefMBuilder, MRefMConfig, collate_mrefm
 from oneref.data.records import (
-    DATASETS,
     IMAGE_DIRS,
     RecordStore,
     RefRecord,
@@ -39,116 +39,86 @@ from oneref.data.records import (
     split_files,
 )
 from oneref.data.tokenizer import PAD_ID, Tokenizer
-from oneref.data.transforms import AugmentConfig, ObjMask, TrainTransform, eval_transform
+from oneref.data.transforms import ObjMask, TrainTransform, eval_transform
 
 log = logging.getLogger(__name__)
 
-BAD_SAMPLE_MODES = ("raise", "skip")
 # Errors that mean "this sample's data is bad" (missing/corrupt file, bad record); others are bugs.
 DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _MAX_LOGGED_BAD = 20
 _MAX_SKIP_TRIES = 100
 
 
-def configure_worker_process(pillow_blocks: int = 16) -> None:
-    """Settings for a data-loading process (called in every DataLoader worker).
-
-    Pillow returns freed image memory to the OS by default, so every decode and resize touches
-    fresh pages; keeping a few freed blocks (each at most 16 MB, reused for the next image) avoids
-    that. Torch ops in a worker stay on one thread.
-    """
-    Image.core.set_blocks_max(pillow_blocks)
-    torch.set_num_threads(1)
-
-
 class SampleError(RuntimeError):
     """A sample that cannot be loaded, named by dataset, split, index, image and record."""
 
 
+def carries_mrefm(config: DataConfig, split: str, train: bool) -> bool:
+    """Whether a split's samples carry the MRefM fields: training and validation, with data.mrefm on."""
+    return config.mrefm.enabled and (train or split in config.val_split)
+
+
 class RefDataset(Dataset):
-    """One split of one dataset (official split files and image folders).
+    """One split of one dataset (official split files and image folders), as ``config`` says
+    (`DataConfig`: dataset, roots, image size, augmentation, masks, bad samples, seed, ...).
 
     Args:
-        dataset: one of `records.DATASETS`.
+        config: the data options.
         split: e.g. "train", "val", "testA", "trainval".
-        data_root: folder holding the image folders (records.IMAGE_DIRS).
-        split_root: the released annotations folder (`single_dataset/`, `mixup_with_refc/`, ...) or
-            a flat `{dataset}/{dataset}_{split}.pth` folder (`records.split_file_candidates`);
-            default `data_root/splits`.
-        img_size: side S of the square letterbox.
-        train: draw training augmentations (`augment`) instead of the evaluation transform.
-        seg_masks: object masks from the COCO polygons (RES); otherwise the box rectangle.
+        train: draw training augmentations (``config.augment``) instead of the evaluation transform;
+            the per-sample generator is `default_rng([seed, epoch, index])`.
         tokenizer: tokenise the phrase per sample (ids in the sample); None leaves it to the collate.
-        bad_samples: "raise" (error naming the sample) or "skip" (use the next good sample, count it).
-        seed: base of the per-sample generator `default_rng([seed, epoch, index])`.
-        image_dirs: override the image folder of a record source ("coco", "referit", "flickr", "synthetic").
-        cache_samples: keep every loaded sample (the resized uint8 image, mask and ids) in memory, so
-            later epochs decode nothing. Needs deterministic samples (evaluation, or training with
-            augmentation off); meant for small datasets such as the synthetic default. Each process
-            (main or loader worker) holds its own cache.
-        orig_masks: also return the object mask at the image's own size (``orig_mask``, bool (h, w)),
-            for RES metrics at the original resolution. Evaluation only.
-        mrefm: MRefM fields (`oneref.data.mrefm`) when enabled, which then need `tokenizer` and
-            `anchors`; an evaluation split draws them with epoch 0 (the same masks every time).
-        anchors: phrase -> subject/object words (`oneref.data.anchors`), for MRefM.
+        anchors: phrase -> subject/object words (`oneref.data.anchor_cache`), needed when the split
+            carries the MRefM fields (`carries_mrefm`); an evaluation split draws them with epoch 0
+            (the same masks every time).
+
+    ``config.cache_samples`` keeps every loaded sample (the resized uint8 image, mask and ids) in
+    memory, so later epochs decode nothing; it needs deterministic samples (evaluation, or training
+    with augmentation off). Each process (main or loader worker) holds its own cache.
+    ``config.orig_masks`` also returns the object mask at the image's own size (``orig_mask``, bool
+    (h, w)) for RES metrics at the original resolution, on evaluation splits only.
+    ``config.bad_samples``: "raise" (error naming the sample) or "skip" (use the next good sample,
+    count it).
     """
 
     def __init__(
         self,
-        dataset: str,
+        config: DataConfig,
         split: str,
-        data_root: str | Path,
-        split_root: str | Path | None = None,
-        img_size: int = 384,
+        *,
         train: bool = False,
-        augment: AugmentConfig | Mapping[str, Any] | None = None,
-        seg_masks: bool = False,
         tokenizer: Tokenizer | None = None,
-        bad_samples: str = "raise",
-        seed: int = 0,
-        image_dirs: Mapping[str, str | Path] | None = None,
-        cache_samples: bool = False,
-        orig_masks: bool = False,
-        mrefm: MRefMConfig | Mapping[str, Any] | None = None,
         anchors: Mapping[str, Anchors] | None = None,
     ) -> None:
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
-        if bad_samples not in BAD_SAMPLE_MODES:
-            raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_MODES}, got {bad_samples!r}")
-        self.dataset, self.split = dataset, split
-        self.data_root = Path(data_root)
-        self.split_root = Path(split_root) if split_root is not None else self.data_root / "splits"
-        check_root(self.data_root, "data root", self.data_root, self.split_root)
-        records, problems = load_records(self.split_root, dataset, split, bad_samples, self.data_root)
+        if not isinstance(config, DataConfig):
+            raise TypeError(f"RefDataset takes a DataConfig, got {type(config).__name__}")
+        self.config, self.split = config, split
+        dataset, data_root, split_root = config.dataset, config.data_root, config.resolved_split_root
+        check_root(data_root, "data root", data_root, split_root)
+        records, problems = load_records(
+            split_root, dataset, split, config.bad_samples, data_root, format=config.format
+        )
         if not records:
             raise ValueError(
-                f"{dataset}/{split}: no usable records in {split_files(self.split_root, dataset, split)}"
+                f"{dataset}/{split}: no usable records in {split_files(split_root, dataset, split)}"
             )
         self.records = RecordStore(records)
         self.num_unparsable = len(problems)
-        dirs = {k: self.data_root / v for k, v in IMAGE_DIRS.items()}
-        dirs.update({k: Path(v) for k, v in (image_dirs or {}).items()})
+        dirs = {k: data_root / v for k, v in IMAGE_DIRS.items()}
+        dirs.update({k: Path(v) for k, v in config.image_dirs.items()})
         self.image_dirs = dirs
-        self.img_size = int(img_size)
         self.train = bool(train)
-        self.augment = AugmentConfig.from_any(augment)
-        self.mrefm = MRefMConfig.from_any(mrefm) if mrefm is not None else None
-        use_mrefm = self.mrefm is not None and self.mrefm.enabled
-        num_scales = MIM_NUM_SCALES if use_mrefm and self.mrefm.mim_scales else 7
-        self.transform = TrainTransform(self.img_size, self.augment, num_scales) if self.train else None
-        self.cache_samples = bool(cache_samples)
-        if self.cache_samples and self.train and self.augment.enabled:
+        use_mrefm = carries_mrefm(config, split, self.train)
+        num_scales = MIM_NUM_SCALES if use_mrefm and config.mrefm.mim_scales else 7
+        self.transform = TrainTransform(config.img_size, config.augment, num_scales) if self.train else None
+        if config.cache_samples and self.train and config.augment.enabled:
             raise ValueError(
                 f"{dataset}/{split}: cache_samples needs the same sample every epoch, but training "
                 "augmentation is on; set data.augment.enabled=false or data.cache_samples=false"
             )
         self._cache: dict[int, dict[str, Any]] = {}
-        self.orig_masks = bool(orig_masks) and not self.train
-        self.seg_masks = bool(seg_masks)
+        self.orig_masks = config.orig_masks and not self.train
         self.tokenizer = tokenizer
-        self.bad_samples = bad_samples
-        self.seed = int(seed)
         self._mrefm: MRefMBuilder | None = None
         self._anchors: RecordStore | None = None
         if use_mrefm:
@@ -157,7 +127,9 @@ class RefDataset(Dataset):
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._bad = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
         self._logged_bad = 0
-        log.info("%s/%s: %d samples (train=%s, seg_masks=%s)", dataset, split, len(self), train, seg_masks)
+        log.info(
+            "%s/%s: %d samples (train=%s, seg_masks=%s)", dataset, split, len(self), train, config.seg_masks
+        )
 
     def _setup_mrefm(self, tokenizer: Tokenizer | None, anchors: Mapping[str, Anchors] | None) -> None:
         if tokenizer is None:
@@ -165,7 +137,7 @@ class RefDataset(Dataset):
         if anchors is None:
             raise ValueError(
                 f"{self.name}: data.mrefm needs the subject/object anchors of the split "
-                "(RefDataModule.prepare_data parses them; or pass anchors=)"
+                "(RefDataModule.prepare_data parses them, oneref.data.anchor_cache; or pass anchors=)"
             )
         missing = [(i, r.phrase) for i, r in enumerate(self.records) if r.phrase not in anchors]
         if missing:
@@ -175,11 +147,13 @@ class RefDataset(Dataset):
                 "the anchor cache does not belong to this split file (delete it to parse again)"
             )
         self._anchors = RecordStore([anchors[r.phrase] for r in self.records])
-        self._mrefm = MRefMBuilder(self.mrefm, self.img_size, tokenizer.mask_id, tokenizer.vocab_size)
+        self._mrefm = MRefMBuilder(
+            self.config.mrefm, self.config.img_size, tokenizer.mask_id, tokenizer.vocab_size
+        )
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}/{self.split}"
+        return f"{self.config.dataset}/{self.split}"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -216,11 +190,11 @@ class RefDataset(Dataset):
         index = int(index)
         if index < 0:  # a padding repeat of an evaluation shard: counts zero (ShardSampler)
             return {**self[unpad_index(index)], "valid": False}
-        if not (self.bad_samples == "skip" and self._bad[index]):  # known bad: straight to a stand-in
+        if not (self.config.bad_samples == "skip" and self._bad[index]):  # known bad: straight to a stand-in
             try:
                 return self.load(index)
             except DATA_ERRORS as e:
-                if self.bad_samples == "raise":
+                if self.config.bad_samples == "raise":
                     raise SampleError(self._describe(index, e)) from e
                 self._mark_bad(index, e)
         # Skip mode: the next good sample stands in, so batches keep their size.
@@ -254,7 +228,7 @@ class RefDataset(Dataset):
 
     def load(self, index: int) -> dict[str, Any]:
         """Load and transform one sample; raises on bad data (no skipping)."""
-        if self.cache_samples:
+        if self.config.cache_samples:
             sample = self._cache.get(index)
             if sample is None:
                 sample = self._cache[index] = self._load(index)
@@ -271,7 +245,7 @@ class RefDataset(Dataset):
             sample["text_ids"],
             self.tokenizer.tokenize(sample["phrase"]),
             self._anchors[index],
-            self.seed,
+            self.config.seed,
             self.epoch,
             index,
         )
@@ -296,10 +270,10 @@ class RefDataset(Dataset):
                 mask.paste(orig_mask, 0, 0)
             box = np.asarray(rec.box, dtype=np.float32)
             if self.transform is not None:
-                rng = np.random.default_rng([self.seed, self.epoch, index])
+                rng = np.random.default_rng([self.config.seed, self.epoch, index])
                 out = self.transform(img, box, mask, rec.phrase, rng)
             else:
-                out = eval_transform(img, box, mask, self.img_size)
+                out = eval_transform(img, box, mask, self.config.img_size)
         return {
             "result": out,
             "orig_mask": orig_mask,
@@ -310,7 +284,7 @@ class RefDataset(Dataset):
         }
 
     def _object_mask(self, rec: RefRecord, h: int, w: int) -> ObjMask:
-        if self.seg_masks and rec.segmentation is not None:
+        if self.config.seg_masks and rec.segmentation is not None:
             mh, mw = rec.size if rec.size is not None else (h, w)
             if (mh, mw) != (h, w):
                 raise ValueError(f"size in the record ({mw}x{mh}) differs from the image ({w}x{h})")
@@ -329,24 +303,6 @@ def pad_index(index: int) -> int:
 
 def unpad_index(index: int) -> int:
     return -1 - int(index)
-
-
-def check_text_buckets(buckets: Sequence[int] | None, max_query_len: int) -> tuple[int, ...] | None:
-    """``data.text_buckets`` as a sorted tuple (None = off), or a clear error."""
-    if buckets is None or len(buckets) == 0:
-        return None
-    try:
-        out = tuple(sorted({int(b) for b in buckets}))
-    except (TypeError, ValueError):
-        raise ValueError(f"data.text_buckets must be a list of ints, got {buckets!r}") from None
-    if out[0] < 1:
-        raise ValueError(f"data.text_buckets must be positive lengths, got {list(buckets)}")
-    if out[-1] < max_query_len:
-        raise ValueError(
-            f"data.text_buckets {list(out)} must reach data.max_query_len={max_query_len} (the longest "
-            f"expression): add {max_query_len} to the list"
-        )
-    return out
 
 
 class RefCollate:
@@ -420,10 +376,10 @@ class RefCollate:
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
             # False for the padding repeats of an evaluation shard: they count zero in every metric
             "valid": torch.tensor([s.get("valid", True) for s in samples], dtype=torch.bool),
-            "orig_size": torch.tensor([r.frame_size for r in results], dtype=torch.int64),
+            "orig_size": torch.tensor([r.orig_size for r in results], dtype=torch.int64),
             "letterbox": torch.tensor([r.letterbox for r in results], dtype=torch.float32),
             "orig_box": torch.from_numpy(
-                np.stack([r.frame_box for r in results]).astype(np.float32, copy=False)
+                np.stack([r.orig_box for r in results]).astype(np.float32, copy=False)
             ),
             "phrase": [s["phrase"] for s in samples],
             "image_file": [s["image_file"] for s in samples],

@@ -3,21 +3,25 @@
 Each split file is a list of tuples. Two layouts of `split_root` are read (`split_file_candidates`):
 
 - released: the authors' annotation download as unpacked, one folder holding
-  `single_dataset/{dataset}/{dataset}_{split}.pth` and the pretraining mixes
+  `single_dataset/{name}/{name}_{split}.pth` and the pretraining mixes
   `mixup_with_refc/mixup/mixup_{split}.pth`, `mixup_with_refc_referit/mixup/mixup_{split}.pth`
   (the official scripts pass `--dataset mixup --split_root .../mixup_with_refc`);
-- flat: `{dataset}/{dataset}_{split}.pth` for every dataset (the official `--split_root` of the
+- flat: `{name}/{name}_{split}.pth` for every dataset (the official `--split_root` of the
   single datasets; the synthetic set is written this way).
+
+`{name}` is the official name of the dataset (`OFFICIAL_NAMES`: refcoco is `unc`, refcoco_plus
+`unc+`, ...); everywhere else, configs and metric names included, a dataset goes by its own name.
 
 Every record is normalised to a `RefRecord` (official ``datasets/data_loader.py`` ``pull_item``):
 
 | dataset                      | tuple                                              | box on disk |
 |------------------------------|----------------------------------------------------|-------------|
-| unc, unc+, gref, gref_umd    | (file, {'height','width'}, box, phrase, polygons)  | xywh        |
-| synthetic                    | same as unc                                        | xywh        |
+| refcoco, refcoco_plus,       | (file, {'height','width'}, box, phrase, polygons)  | xywh        |
+| refcocog_google, refcocog_umd|                                                    |             |
+| synthetic                    | same as refcoco                                    | xywh        |
 | referit                      | (file, mask file name, box, phrase, unused)        | x1y1x2y2    |
 | flickr                       | (file, box, phrase)                                | x1y1x2y2    |
-| mixup_with_refc(_referit)    | COCO entries as unc; ReferIt/Flickr entries as     | xywh        |
+| mixup_refc(_referit)         | COCO entries as refcoco; ReferIt/Flickr entries as | xywh        |
 |                              | (file, 'referit'/'flickr', box, phrase, any)       |             |
 
 Boxes are truncated to int before xywh -> x1y1x2y2, as the official loader does; the float xywh box is
@@ -38,34 +42,61 @@ import torch
 
 log = logging.getLogger(__name__)
 
-COCO_DATASETS = ("unc", "unc+", "gref", "gref_umd")
-MIXUP_DATASETS = ("mixup_with_refc", "mixup_with_refc_referit")
-DATASETS = (*COCO_DATASETS, "referit", "flickr", *MIXUP_DATASETS, "synthetic")
+# The one place the official dataset names appear: user-facing name -> the name of its split files
+# (official datasets/data_loader.py `--dataset`; the mixes are folders of `--dataset mixup`).
+OFFICIAL_NAMES: dict[str, str] = {
+    "refcoco": "unc",
+    "refcoco_plus": "unc+",
+    "refcocog_google": "gref",
+    "refcocog_umd": "gref_umd",
+    "referit": "referit",
+    "flickr": "flickr",
+    "mixup_refc": "mixup_with_refc",
+    "mixup_refc_referit": "mixup_with_refc_referit",
+    "synthetic": "synthetic",
+}
+DATASETS = tuple(OFFICIAL_NAMES)
+COCO_DATASETS = ("refcoco", "refcoco_plus", "refcocog_google", "refcocog_umd")
+MIXUP_DATASETS = ("mixup_refc", "mixup_refc_referit")
 
 _TRAIN = ("train", "train_pseudo")
 SPLITS: dict[str, tuple[str, ...]] = {
-    "unc": (*_TRAIN, "val", "trainval", "testA", "testB"),
-    "unc+": (*_TRAIN, "val", "trainval", "testA", "testB"),
-    "gref": (*_TRAIN, "val", "trainval"),
-    "gref_umd": (*_TRAIN, "val", "trainval", "test"),
+    "refcoco": (*_TRAIN, "val", "trainval", "testA", "testB"),
+    "refcoco_plus": (*_TRAIN, "val", "trainval", "testA", "testB"),
+    "refcocog_google": (*_TRAIN, "val", "trainval"),
+    "refcocog_umd": (*_TRAIN, "val", "trainval", "test"),
     "referit": (*_TRAIN, "val", "trainval", "test"),
     "flickr": (*_TRAIN, "val", "trainval", "test"),
     # The authors' README names the RefCOCOg-derived mixup test file testA; accept both names.
-    "mixup_with_refc": (*_TRAIN, "val", "test", "testA"),
-    "mixup_with_refc_referit": (*_TRAIN, "val", "test", "testA"),
+    "mixup_refc": (*_TRAIN, "val", "test", "testA"),
+    "mixup_refc_referit": (*_TRAIN, "val", "test", "testA"),
     "synthetic": ("train", "val", "test"),
 }
 DEFAULT_TEST_SPLITS: dict[str, tuple[str, ...]] = {
-    "unc": ("val", "testA", "testB"),
-    "unc+": ("val", "testA", "testB"),
-    "gref": ("val",),
-    "gref_umd": ("val", "test"),
+    "refcoco": ("val", "testA", "testB"),
+    "refcoco_plus": ("val", "testA", "testB"),
+    "refcocog_google": ("val",),
+    "refcocog_umd": ("val", "test"),
     "referit": ("val", "test"),
     "flickr": ("val", "test"),
-    "mixup_with_refc": ("val", "test"),
-    "mixup_with_refc_referit": ("val", "test"),
+    "mixup_refc": ("val", "test"),
+    "mixup_refc_referit": ("val", "test"),
     "synthetic": ("val", "test"),
 }
+
+
+def unknown_dataset_message(dataset: Any) -> str:
+    """The error for a name that is not in DATASETS; an official name is pointed to ours."""
+    ours = {v: k for k, v in OFFICIAL_NAMES.items()}.get(dataset)
+    hint = f" ({dataset!r} is the official name of {ours!r}: use {ours})" if ours and ours != dataset else ""
+    return f"unknown dataset {dataset!r}{hint}; choose one of {list(DATASETS)}"
+
+
+def check_dataset(dataset: Any) -> str:
+    if dataset not in OFFICIAL_NAMES:
+        raise ValueError(unknown_dataset_message(dataset))
+    return dataset
+
 
 # Image folders under data_root, per record source (official datasets/data_loader.py).
 IMAGE_DIRS: dict[str, str] = {
@@ -77,14 +108,15 @@ IMAGE_DIRS: dict[str, str] = {
 
 _LAYOUT = """\
 Expected layout (docs/data.md), with data_root = {data_root} and split_root = {split_root}:
-  <data_root>/other/images/mscoco/images/train2014/COCO_train2014_*.jpg   unc, unc+, gref, gref_umd, mixups
-  <data_root>/referit/images/*.jpg                                       referit, mixup_with_refc_referit
+  <data_root>/other/images/mscoco/images/train2014/COCO_train2014_*.jpg   refcoco(_plus), refcocog_*, mixups
+  <data_root>/referit/images/*.jpg                                       referit, mixup_refc_referit
   <data_root>/Flickr30k/flickr30k-images/*.jpg                           flickr
-  split files, the released annotations as downloaded (one split_root holding three folders):
-  <split_root>/single_dataset/<dataset>/<dataset>_<split>.pth             e.g. single_dataset/unc/unc_testA.pth
-  <split_root>/mixup_with_refc/mixup/mixup_<split>.pth                    mixup_with_refc
-  <split_root>/mixup_with_refc_referit/mixup/mixup_<split>.pth            mixup_with_refc_referit
-  or flat: <split_root>/<dataset>/<dataset>_<split>.pth                   e.g. unc/unc_testA.pth
+  split files, the released annotations as downloaded (one split_root holding three folders),
+  <name> the official name (refcoco: unc, refcoco_plus: unc+, refcocog_google: gref, refcocog_umd: gref_umd):
+  <split_root>/single_dataset/<name>/<name>_<split>.pth                   e.g. single_dataset/unc/unc_testA.pth
+  <split_root>/mixup_with_refc/mixup/mixup_<split>.pth                    mixup_refc
+  <split_root>/mixup_with_refc_referit/mixup/mixup_<split>.pth            mixup_refc_referit
+  or flat: <split_root>/<name>/<name>_<split>.pth                         e.g. unc/unc_testA.pth
   synthetic: <data_root>/images/*.jpg, <data_root>/splits/synthetic/synthetic_<split>.pth"""
 
 
@@ -112,7 +144,7 @@ def _source_of(dataset: str) -> str:
         return "coco"
     if dataset in ("referit", "flickr", "synthetic"):
         return dataset
-    raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    raise ValueError(unknown_dataset_message(dataset))
 
 
 def _floats(box: Any, where: str) -> tuple[float, float, float, float]:
@@ -194,13 +226,14 @@ RELEASED_MIXUP_NAME = "mixup"  # official dataset name of both mixes: <mix>/mixu
 def split_file_candidates(split_root: str | Path, dataset: str, split: str) -> list[Path]:
     """Where a split file may be, in the order tried: the released layout, then the flat one."""
     root = Path(split_root)
-    flat = root / dataset / f"{dataset}_{split}.pth"
+    name = OFFICIAL_NAMES[check_dataset(dataset)]
+    flat = root / name / f"{name}_{split}.pth"
     if dataset == "synthetic":
         return [flat]
     if dataset in MIXUP_DATASETS:
-        name = RELEASED_MIXUP_NAME
-        return [root / dataset / name / f"{name}_{split}.pth", flat]
-    return [root / RELEASED_SINGLE_DIR / dataset / f"{dataset}_{split}.pth", flat]
+        mix = RELEASED_MIXUP_NAME
+        return [root / name / mix / f"{mix}_{split}.pth", flat]
+    return [root / RELEASED_SINGLE_DIR / name / f"{name}_{split}.pth", flat]
 
 
 def split_file(split_root: str | Path, dataset: str, split: str) -> Path:
@@ -221,8 +254,7 @@ def missing_split_file_message(split_root: str | Path, dataset: str, split: str)
 
 def split_files(split_root: str | Path, dataset: str, split: str) -> list[Path]:
     """Files making up a split: non-referit `trainval` is train + val (official loader)."""
-    if dataset not in SPLITS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    check_dataset(dataset)
     if split not in SPLITS[dataset]:
         raise ValueError(f"dataset {dataset!r} has no split {split!r}; valid splits: {list(SPLITS[dataset])}")
     return [split_file(split_root, dataset, s) for s in _file_split_names(dataset, split)]
@@ -269,12 +301,17 @@ def load_records(
     split: str,
     bad_samples: str = "raise",
     data_root: Any = "?",
+    *,
+    format: str = "auto",
 ) -> tuple[list[RefRecord], list[str]]:
     """Parse every record of a split. Returns (records, problems).
 
     Records that cannot be parsed raise (`bad_samples="raise"`) or are dropped and listed in
-    `problems` (`"skip"`).
+    `problems` (`"skip"`). ``format`` (``data.format``): the annotation format; ``auto`` reads
+    the official split files.
     """
+    if format != "auto":
+        raise ValueError(f"data.format={format!r} is not a known annotation format; use auto")
     check_root(split_root, "split root", data_root, split_root)
     files = split_files(split_root, dataset, split)
     for f, s in zip(files, _file_split_names(dataset, split)):

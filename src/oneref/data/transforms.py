@@ -210,8 +210,10 @@ class TransformResult:
     box: np.ndarray  # float32 (4,), normalised cx, cy, w, h in the padded square
     mask: ObjMask  # object mask in the resized frame (h, w)
     letterbox: tuple[float, int, int]  # (ratio, left, top): padded = frame * ratio + (left, top)
-    frame_size: tuple[int, int]  # (h, w) of the frame the final resize starts from
-    frame_box: np.ndarray  # float32 x1y1x2y2 in that frame
+    # the batch's orig_size/orig_box: the frame the final resize starts from (the image itself at
+    # evaluation, the crop of a cropping augmentation)
+    orig_size: tuple[int, int]  # (h, w)
+    orig_box: np.ndarray  # float32 x1y1x2y2 in that frame
     value_lut: np.ndarray | None = None  # uint8 (256,) still to apply to every value (colour jitter)
 
     def write(self, image: np.ndarray, image_mask: np.ndarray, obj_mask: np.ndarray) -> None:
@@ -300,8 +302,8 @@ def eval_transform(img: Image.Image, box_xyxy: np.ndarray, mask: ObjMask, img_si
         box=_finish_box(box * np.float32(ratio), top, left, img_size),
         mask=mask,
         letterbox=(ratio, left, top),
-        frame_size=(h, w),
-        frame_box=box,
+        orig_size=(h, w),
+        orig_box=box,
     )
 
 
@@ -423,7 +425,7 @@ class TrainTransform:
                 box = np.maximum(box, np.float32(0))
                 mask.crop(i, j, ch, cw)
         fh, fw = (crop[2], crop[3]) if crop is not None else (h1, w1)
-        frame_box = box.copy()
+        orig_box = box.copy()
         r2, ow, oh = long_side_size(fw, fh, self.scales[rng.integers(len(self.scales))])
         box = box * np.float32(r2)
         mask.resize(oh, ow)
@@ -445,8 +447,8 @@ class TrainTransform:
             box=_finish_box(box, top, left, self.img_size),
             mask=mask,
             letterbox=(r2, left, top),
-            frame_size=(fh, fw),
-            frame_box=frame_box,
+            orig_size=(fh, fw),
+            orig_box=orig_box,
             value_lut=value_lut,
         )
 

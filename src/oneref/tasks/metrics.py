@@ -178,7 +178,7 @@ def pad_masks(masks: Sequence[Tensor]) -> Tensor:
 
 def _valid(valid: Tensor | None, per_sample: Tensor) -> Tensor:
     """The (B,) mask of samples that count: all of them, or ``valid`` (False for the padding
-    repeats of an evaluation shard, oneref.data.datamodule.ShardSampler)."""
+    repeats of an evaluation shard, oneref.data.samplers.ShardSampler)."""
     if valid is None:
         return torch.ones_like(per_sample, dtype=torch.bool)
     if valid.shape != per_sample.shape[:1]:
