@@ -389,6 +389,11 @@ class RefDataModule(L.LightningDataModule):
             self._tokenizer = Tokenizer(path, self.max_query_len)
         return self._tokenizer
 
+    def use_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Tokenise with ``tokenizer`` instead of ``tokenizer_path`` (the one a checkpoint carries:
+        oneref.factory.follow_checkpoint_tokenizer)."""
+        self._tokenizer = tokenizer
+
     def _make(self, split: str, train: bool) -> RefDataset:
         mrefm = self.mrefm.enabled and (train or split in self.val_split_names)
         return RefDataset(
