@@ -69,12 +69,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_each_format_is_detected_from_the_content(files, fmt):
     ckpt = Checkpoint.open(files[fmt])
-    assert ckpt.format == fmt and ckpt.detected
+    # an MRefM file has the key groups of an official checkpoint with MIM/MLM heads: named only
+    assert ckpt.format == ("official" if fmt == "mrefm" else fmt) and ckpt.detected
+    if fmt == "mrefm":
+        assert ckpt.task == "mrefm" and ckpt.config.mim_codebook_size == 16  # the heads it has
+        named = Checkpoint.open(files[fmt], "mrefm")
+        assert named.format == "mrefm" and named.task == "mrefm" and not named.config.mlm_head  # for REC
+        return
     if fmt == "beit3":  # a backbone: the model to build comes from the config
         assert ckpt.config is None and "pass a config" in ckpt.config_problem and not ckpt.runnable
         return
     assert ckpt.config.embed_dim == 128 and ckpt.config.img_size == 64
-    assert ckpt.task == ("mrefm" if fmt == "mrefm" else "rec")
+    assert ckpt.task == "rec"
     assert (ckpt.carried_tokenizer is not None) == (fmt in ("folder", "lightning"))
     assert fmt in str(ckpt)
 
@@ -85,6 +91,15 @@ def test_a_lightning_checkpoint_records_its_training(files):
     assert ckpt.training["epoch"] == 3 and ckpt.training["size"] == "tiny" and ckpt.max_query_len == 20
     official = Checkpoint.open(files["official"])
     assert official.dataset is None and official.setting is None and official.training["size"] == "tiny"
+    # resuming reads the same description
+    from oneref.checkpoint.resume import checkpoint_step, resume_mismatch
+
+    assert checkpoint_step(files["lightning"]) == (12, 3)
+    assert resume_mismatch(files["lightning"], {"model": {"size": "tiny"}, "task": {"name": "res"}}) == [
+        "task"
+    ]
+    with pytest.raises(CheckpointError, match="OneRef_T.pth is not a Lightning checkpoint"):
+        checkpoint_step(files["official"])
 
 
 def test_a_given_format_wins_and_a_contradiction_is_a_clear_error(files):
@@ -174,7 +189,9 @@ def test_check_fits_reads_keys_and_shapes_only(files, monkeypatch):
     cfg = tiny_config()
     for fmt in ("official", "folder", "lightning", "beit3"):
         assert Checkpoint.open(files[fmt]).check_fits(cfg) == [], fmt
-    assert Checkpoint.open(files["mrefm"]).check_fits(cfg) == []  # its MIM/MLM heads are dropped
+    assert Checkpoint.open(files["mrefm"], "mrefm").check_fits(cfg) == []  # its MIM/MLM heads are dropped
+    (heads,) = Checkpoint.open(files["mrefm"]).check_fits(cfg)  # as official: strict
+    assert "unexpected" in heads and "mim_head.weight" in heads
     bigger = Checkpoint.open(files["official"]).check_fits(tiny_config(img_size=96))
     assert len(bigger) == 1 and "img_size 64" in bigger[0] and "resize_positions" in bigger[0]
     assert (

@@ -10,8 +10,10 @@ checkpoint folder answer the same question.
 
 Detection (``ckpt_format`` None or ``auto``) reads the content, never the file name: a directory
 is a folder, a file with ``state_dict`` + ``pytorch-lightning_version`` is ours (``lightning``);
-any other file is an official-layout state dict, whose key groups say which: MIM/MLM heads
-(``mrefm``), no grounding head (``beit3``), else ``official``. A named format is taken as given;
+any other file is an official-layout state dict: ``beit3`` without a grounding head, else
+``official``. ``mrefm`` is only ever named: an MRefM pretraining file holds the same key groups as
+an official checkpoint with MIM/MLM heads, and naming it says to drop those heads for a REC/RES
+model. A named format is taken as given;
 a container that contradicts it (a folder named ``lightning``, a Lightning file named
 ``official``) is an error that names both.
 """
@@ -113,6 +115,7 @@ class Checkpoint:
         carried_tokenizer: the tokenizer it carries, or None.
         training: the training facts it records (dataset, task, size, epoch, ...; empty if none).
         max_query_len: the tokens per expression it was trained or converted with, where known.
+        hyper_parameters: what a Lightning checkpoint saved of its module (empty otherwise).
     """
 
     path: Path
@@ -124,6 +127,7 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)
     config_problem: str = ""
     max_query_len: int | None = None
+    hyper_parameters: dict[str, Any] = field(default_factory=dict, repr=False)
     arch: dict[str, Any] | None = field(default=None, repr=False)
     _raw: Mapping[str, Tensor] | None = field(default=None, repr=False)
     _report: ConversionReport | None = field(default=None, repr=False)
@@ -204,7 +208,18 @@ class Checkpoint:
         }
         length = tok.max_query_len if tok else data.get("max_query_len")
         return cls(
-            path, "lightning", detected, cfg, task, tok, training, problem, length, _raw=raw, _report=report
+            path,
+            "lightning",
+            detected,
+            cfg,
+            task,
+            tok,
+            training,
+            problem,
+            length,
+            dict(hp),
+            _raw=raw,
+            _report=report,
         )
 
     @classmethod
@@ -214,8 +229,9 @@ class Checkpoint:
         arch = infer_architecture(raw)
         detected = fmt is None
         if fmt is None:  # the key groups say which official-layout file this is
-            groups = {key_group(k) for k in raw}
-            fmt = "mrefm" if groups & {"mim", "mlm"} else "official" if "grounding" in groups else "beit3"
+            # mrefm is never detected: official checkpoints hold the same MIM/MLM heads (the
+            # official model builds them), so naming it is what says "drop them".
+            fmt = "official" if any(key_group(k) == "grounding" for k in raw) else "beit3"
         if fmt == "beit3":
             cfg, problem = None, BEIT3_NEEDS_CONFIG
         else:
@@ -232,7 +248,7 @@ class Checkpoint:
         if isinstance(obj, Mapping) and "epoch" in obj:
             training["epoch"] = obj["epoch"]
         task = None if fmt == "beit3" else arch["task"]
-        return cls(path, fmt, detected, cfg, task, None, training, problem, None, arch, raw, None, notes)
+        return cls(path, fmt, detected, cfg, task, None, training, problem, None, {}, arch, raw, None, notes)
 
     # -- what it says -----------------------------------------------------------------------------------
     def __str__(self) -> str:

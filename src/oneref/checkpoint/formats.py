@@ -43,7 +43,7 @@ FORMATS: dict[str, Format] = {
         ),
         Format(
             "mrefm",
-            "an official-layout file with MIM/MLM heads (MRefM pretraining)",
+            "named only (ckpt_format=mrefm): an MRefM pretraining file looks like an official one with MIM/MLM heads",
             "weights only; its MIM/MLM heads are dropped for a REC/RES model, the seg head starts from init",
         ),
         Format(
