@@ -24,7 +24,7 @@ import oneref
 from helpers.compose import train_tiny_checkpoint
 from oneref.checkpoint import CheckpointError, load_checkpoint_file, save_folder, to_official
 from oneref.checkpoint.folder import DEFAULT_MAX_QUERY_LEN
-from oneref.data.images import DEFAULT_BACKGROUND, ImageError, load_photo
+from oneref.data.images import DEFAULT_BACKGROUND, ImageError, PhotoOptions, load_photo
 from oneref.predictor import Prediction, Predictor
 
 TEXT = "the big blue square"
@@ -173,7 +173,7 @@ def test_the_reported_phone_photo(model, tmp_path):
     assert got.box_xyxy[2] <= 500 and got.box_xyxy[3] <= 300
     viewer = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
     np.testing.assert_array_equal(got.box_xyxy, model.predict(viewer, TEXT).box_xyxy)
-    stored = oneref.load(model.source, device="cpu", exif_orientation=False).predict(path, TEXT)
+    stored = oneref.load(model.source, device="cpu", photo={"exif_orientation": False}).predict(path, TEXT)
     assert stored.image_size == (300, 500)  # the official reader's frame, on request
 
 
@@ -222,7 +222,7 @@ def test_every_kind_of_image_gives_the_box_of_its_rgb_pixels(model, tmp_path):
 def test_a_downscaled_photo_reports_the_original_pixels(ckpt, tmp_path):
     path = tmp_path / "big.png"
     Image.fromarray(noise(100, 200)).save(path)
-    small = oneref.load(ckpt, device="cpu", max_pixels=5000)
+    small = oneref.load(ckpt, device="cpu", photo=PhotoOptions(max_pixels=5000))
     got = small.predict(path, TEXT)
     assert got.image_size == (200, 100) and got.mask.shape == (100, 200)
     photo = load_photo(path, max_pixels=5000)
@@ -233,7 +233,7 @@ def test_a_downscaled_photo_reports_the_original_pixels(ckpt, tmp_path):
     with pytest.raises(
         ImageError, match=r"query 0: .*big.png: 200x100 = 20,000 pixels is over hard_max_pixels"
     ):
-        oneref.load(ckpt, device="cpu", hard_max_pixels=10_000).predict(path, TEXT)
+        oneref.load(ckpt, device="cpu", photo={"hard_max_pixels": 10_000}).predict(path, TEXT)
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_bad_checkpoints_are_clear_errors(ckpt, model, spm, tmp_path):
     with pytest.raises(CheckpointError, match=r"unknown size 'huge'"):
         oneref.load(pth, size="huge", tokenizer=spm)
     with pytest.raises(CheckpointError, match="BEiT-3 pretrained checkpoint has no trained grounding head"):
-        oneref.load(pth, source_format="beit3", tokenizer=spm)
+        oneref.load(pth, ckpt_format="beit3", tokenizer=spm)
     with pytest.raises(
         CheckpointError, match=r"size='base' was given but .*best.ckpt holds a model 128 wide"
     ):
@@ -376,8 +376,8 @@ def test_bad_settings_are_refused_before_the_weights_are_read(ckpt, monkeypatch)
         (dict(workers=-1), "workers must be an integer >= 0"),
         (dict(precision="fp16"), "precision must be 'auto' or 'fp32', got 'fp16'"),
         (dict(device="gpu0"), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
-        (dict(background="no-such-colour"), "background: unknown colour 'no-such-colour'"),
-        (dict(max_pixels=0), "max_pixels must be a positive integer or None"),
+        (dict(photo={"background": "no-such-colour"}), "background: unknown colour 'no-such-colour'"),
+        (dict(photo={"max_pixels": 0}), "max_pixels must be a positive integer or None"),
         (dict(max_query_len="64"), "max_query_len must be an integer"),
     ]
     if not torch.cuda.is_available():

@@ -309,12 +309,13 @@ def test_beit3_checkpoint_is_resized_and_heads_reported(tmp_path: Path) -> None:
         set(report.missing) == heads and "bbox_embed.layers.2.weight" in heads and "seg_conv1.weight" in heads
     )
     assert "beit3.pretraining_only.weight" in report.dropped
-    with pytest.raises(LoadError, match="source_format='beit3'"):
+    with pytest.raises(LoadError, match="ckpt_format='beit3'"):
         load_into(OneRef(cfg), sd)  # strict: heads missing
     path = tmp_path / "beit3_tiny_patch16_224.pth"
     torch.save({"model": pre}, path)
     model, report = load_model(path, cfg, "beit3")
     assert set(report.missing) == heads
+    assert set(load_model(path, cfg)[1].missing) == heads  # detected: no grounding head
     state = model.state_dict()
     assert torch.equal(
         state["beit3.encoder.layers.1.ffn.B.fc2.weight"], pre["beit3.encoder.layers.1.ffn.B.fc2.weight"]

@@ -53,7 +53,7 @@ def _extra(path: Path) -> str:
 def test_export_onnx(folder, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "model.onnx"
-    assert main(["export", str(folder), str(out), "--format", "onnx", "--batch", "2"]) == 0
+    assert main(["export", str(folder), str(out), "--to", "onnx", "--batch", "2"]) == 0
     report = capsys.readouterr().out
     assert out.is_file() and "onnx:" in report and "batch 2" in report and "max |exported - eager|" in report
 
@@ -63,7 +63,7 @@ def test_export_bad_input(folder, tmp_path, capsys):
         assert main(["export", *args]) == 2
         return capsys.readouterr().err
 
-    assert "cannot tell the export format from 'model.bin': pass --format onnx|torch_export" in error(
+    assert "cannot tell the export format from 'model.bin': pass --to onnx|torch_export" in error(
         str(folder), str(tmp_path / "model.bin")
     )
     assert "checkpoint nope does not exist" in error("nope", str(tmp_path / "m.pt2"))

@@ -195,8 +195,8 @@ def test_stage1_to_stage2_chaining(make_cfg, monkeypatch):
     loaded = {}
     real_init = factory_mod.init_weights
 
-    def spy(module, source, source_format):
-        real_init(module, source, source_format)
+    def spy(module, source, ckpt_format, **kwargs):
+        real_init(module, source, ckpt_format, **kwargs)
         loaded.update({k: v.detach().clone() for k, v in module.model.state_dict().items()})
         loaded["__source__"] = source
 

@@ -181,6 +181,6 @@ def test_fsdp_step_save_and_reload_on_one_device(make_cfg, tmp_path, state_dict_
             check=True,
         )
         last = last.with_suffix(".ckpt.consolidated")
-    model, report = load_model(last, source_format="lightning")
+    model, report = load_model(last, ckpt_format="lightning")
     assert not report.missing and not report.unexpected
     assert list(model.state_dict()) == list(official_keys(model.cfg))

@@ -1,14 +1,16 @@
 """Checkpoint conversion, validation and golden parity.
 
-    python -m oneref.convert official IN.pth OUT_DIR [--format oneref|mrefm|beit3] [--size S]
+    python -m oneref.convert official IN.pth OUT_DIR [--format auto|official|mrefm|beit3] [--size S]
                                       [--img-size N] [--task rec|res|mrefm] [--tokenizer beit3.spm]
     python -m oneref.convert to-official IN OUT.pth      # IN: a folder or one of our Lightning .ckpt
     python -m oneref.convert validate DIR
     python -m oneref.convert parity GOLDEN_DIR
-    python -m oneref.convert export CKPT OUT [--format onnx|torch_export] [--text-lengths LO HI]
-                                      [--batch N] [--opset 18] [--no-verify] [--device cpu|cuda]
+    python -m oneref.convert export CKPT OUT [--to onnx|torch_export] [--format auto|...]
+                                      [--text-lengths LO HI] [--batch N] [--opset 18] [--no-verify]
 
-See docs/checkpoints.md, and docs/predict.md for export.
+``--format`` always names the input checkpoint's format, in the one vocabulary of
+``oneref.checkpoint.FORMATS`` (default auto: detected, oneref.checkpoint.Checkpoint.open); ``--to``
+names what is written. See docs/checkpoints.md, and docs/predict.md for export.
 """
 
 from __future__ import annotations
@@ -21,43 +23,43 @@ from pathlib import Path
 import torch
 
 from oneref.checkpoint import (
+    AUTO,
+    FORMAT_NAMES,
+    RUNNABLE_FORMATS,
+    Checkpoint,
     CheckpointError,
     build_model,
-    convert_state_dict,
-    extract_state_dict,
-    infer_architecture,
     infer_config,
-    load_checkpoint_file,
     load_into,
-    read_weights,
     save_folder,
     to_official,
     validate_folder,
 )
+from oneref.checkpoint.descriptor import allowed_missing
 from oneref.checkpoint.export import ExportError
 from oneref.checkpoint.folder import DEFAULT_MAX_QUERY_LEN
-from oneref.checkpoint.loading import allowed_missing
+from oneref.checkpoint.formats import LAYOUT_FORMATS
 from oneref.parity import PARITY_TOL, parity_rows
-
-FORMATS = {"oneref": "official", "mrefm": "mrefm", "beit3": "beit3"}
 
 
 # -- official -> folder ----------------------------------------------------------------------------------
 def cmd_official(args: argparse.Namespace) -> int:
     src = Path(args.input)
-    extracted = extract_state_dict(load_checkpoint_file(src, mmap=True), args.model_key, source=str(src))
-    raw = extracted.state_dict
-    arch = infer_architecture(raw)
-    fmt = FORMATS[args.format]
+    ckpt = Checkpoint.open(src, args.format, model_key=args.model_key)
+    if ckpt.format not in LAYOUT_FORMATS:
+        raise CheckpointError(
+            f"{src} is a {ckpt.format} checkpoint, not an official-layout file: it already describes itself "
+            "(`to-official` writes the official layout, `export` another runtime's)"
+        )
+    arch, fmt = ckpt.arch, ckpt.format
+    print(f"{src}: format {fmt} ({'detected' if ckpt.detected else 'given'})")
     if fmt == "beit3" and args.img_size is None:
         raise CheckpointError(
             "--img-size is required for --format beit3 (the released OneRef models use 384 or 480)"
         )
     task = args.task or ("rec" if fmt in ("mrefm", "beit3") else None)
     cfg = infer_config(arch, size=args.size, img_size=args.img_size, task=task, num_heads=args.num_heads)
-    sd, report = convert_state_dict(raw, cfg, fmt, resize_positions=args.resize_positions, source=str(src))
-    if extracted.stripped_prefix:
-        report.notes.append(f"stripped the prefix {extracted.stripped_prefix!r} from every key")
+    sd, cfg, report, _ = ckpt.read_weights(cfg, resize_positions=args.resize_positions)
     if report.unexpected:
         raise CheckpointError(
             f"{len(report.unexpected)} keys of {src} have no place in the {task or arch['task']} model: "
@@ -67,7 +69,9 @@ def cmd_official(args: argparse.Namespace) -> int:
         allow = allowed_missing(fmt, cfg, None)
         torch.manual_seed(args.seed)
         model = build_model(cfg, initialise=bool(allow))
-        load_into(model, sd, strict=not allow, allow_missing=allow, report=report)  # raises for format oneref
+        load_into(
+            model, sd, strict=not allow, allow_missing=allow, report=report
+        )  # raises for format official
         report.notes.append(f"missing tensors initialised with the official init, seed {args.seed}")
         sd = model.state_dict()
     out = save_folder(
@@ -94,7 +98,7 @@ def cmd_to_official(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.resolve() == Path(args.input).resolve():
         raise CheckpointError(f"the output {out} is the input; write the official file elsewhere")
-    sd, cfg, report, _ = read_weights(args.input, args.format)
+    sd, cfg, report, _ = Checkpoint.open(args.input, args.format).read_weights()
     if report.unexpected or report.missing:
         raise CheckpointError(report.summary())
     official, _ = to_official(sd, cfg, epoch=args.epoch)
@@ -139,10 +143,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from oneref.checkpoint.export import EXPORT_FORMATS, export_model
 
     out = Path(args.output)
-    fmt = args.format or EXPORT_SUFFIXES.get(out.suffix.lower())
+    fmt = args.to or EXPORT_SUFFIXES.get(out.suffix.lower())
     if fmt is None:
         raise CheckpointError(
-            f"cannot tell the export format from {out.name!r}: pass --format {'|'.join(EXPORT_FORMATS)} "
+            f"cannot tell the export format from {out.name!r}: pass --to {'|'.join(EXPORT_FORMATS)} "
             f"(or name the file {' / '.join(EXPORT_SUFFIXES)})"
         )
     if not Path(args.input).exists():
@@ -152,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     lengths = None
     if args.text_lengths:
         lengths = args.text_lengths[0] if len(args.text_lengths) == 1 else tuple(args.text_lengths)
-    model, _ = load_model(args.input, source_format=args.ckpt_format)
+    model, _ = load_model(args.input, ckpt_format=args.format)
     model = model.to(args.device)
     try:
         report = export_model(
@@ -182,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("out_dir", help="checkpoint folder to write")
     o.add_argument(
         "--format",
-        choices=sorted(FORMATS),
-        default="oneref",
-        help="oneref: a released OneRef checkpoint (default); mrefm: MRefM pretraining (its MIM/MLM heads are "
-        "dropped unless --task mrefm); beit3: a BEiT-3 pretrained checkpoint (heads initialised)",
+        choices=[AUTO, *LAYOUT_FORMATS],
+        default=AUTO,
+        help="auto: detected (default); official: a released OneRef checkpoint; mrefm: MRefM pretraining (its "
+        "MIM/MLM heads are dropped unless --task mrefm); beit3: a BEiT-3 pretrained checkpoint (heads initialised)",
     )
     o.add_argument(
         "--size", choices=["tiny", "base", "large"], help="model size (default: read off the shapes)"
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("input")
     t.add_argument("output")
     t.add_argument(
-        "--format", choices=["folder", "lightning"], help="default: folder for a folder, else lightning"
+        "--format", choices=[AUTO, *FORMAT_NAMES], default=AUTO, help="the input's format (default: detected)"
     )
     t.add_argument(
         "--epoch", type=int, default=0, help="value of the 'epoch' entry (the official eval.py reads it)"
@@ -246,12 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("input", help="one of our .ckpt files, a checkpoint folder or an official .pth")
     e.add_argument("output", help="file to write (.onnx or .pt2)")
     e.add_argument(
-        "--format", choices=["onnx", "torch_export"], help="default: from the suffix (.onnx, .pt2)"
+        "--to", choices=["onnx", "torch_export"], help="what to write (default: from the suffix .onnx, .pt2)"
     )
     e.add_argument(
-        "--ckpt-format",
-        choices=["folder", "lightning", "official", "mrefm"],
-        help="the checkpoint's format (default: a folder is a folder, a Lightning file is Lightning, else official)",
+        "--format",
+        choices=[AUTO, *RUNNABLE_FORMATS],
+        default=AUTO,
+        help="the checkpoint's format (default: detected)",
     )
     e.add_argument(
         "--text-lengths",

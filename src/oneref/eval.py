@@ -51,7 +51,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(int(cfg.seed), workers=True)
     module = factory.load_module(cfg)
     factory.match_data_to_module(cfg, module)
-    datamodule = factory.build_datamodule(cfg)
+    datamodule = factory.build_datamodule(cfg, module.checkpoint)  # with the checkpoint's tokenizer
     trainer = factory.build_trainer(cfg, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}

@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, open_dict
 
+from oneref.checkpoint import Checkpoint, CheckpointError
 from oneref.checkpoint.resume import AtomicCheckpointIO
 from oneref.config import to_container
-from oneref.data.tokenizer import Tokenizer
 from oneref.distributed import SyncBatchNormAnyBackend
 from oneref.predictor import Predictor
 from oneref.tasks.grounding import GroundingModule
@@ -36,17 +36,37 @@ def resolve_precision(precision: Any) -> Any:
     return precision
 
 
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+def build_datamodule(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> L.LightningDataModule:
+    """The DataModule of ``cfg.data``; given the ``checkpoint`` it runs, it tokenises with the
+    tokenizer that checkpoint carries (:func:`follow_checkpoint_tokenizer`)."""
     from hydra.errors import InstantiationException
 
     from oneref.errors import UserError
 
     try:
-        return hydra.utils.instantiate(cfg.data, _convert_="all")
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     except InstantiationException as e:  # a bad data option: the user's error, not Hydra's wrapper
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
         raise
+    if checkpoint is not None:
+        follow_checkpoint_tokenizer(datamodule, checkpoint)
+    return datamodule
+
+
+def follow_checkpoint_tokenizer(datamodule: L.LightningDataModule, checkpoint: Checkpoint) -> None:
+    """A checkpoint that carries its tokenizer is evaluated and fine-tuned with it: the data then
+    tokenise with that one. ``data.tokenizer`` may name the same model (the same sentencepiece
+    pieces); another one is refused, naming both. A ``data.tokenizer`` file that does not exist
+    (a dataset default such as beit3.spm) is no claim against the checkpoint's own."""
+    if checkpoint.carried_tokenizer is None:
+        return
+    given = Path(datamodule.config.tokenizer) if datamodule.config.tokenizer else None
+    if given is not None and not given.is_file():
+        log.info("data.tokenizer %s does not exist: using the tokenizer %s carries", given, checkpoint.path)
+        given = None
+    tokenizer = checkpoint.choose_tokenizer(given, datamodule.config.max_query_len, knob="data.tokenizer")
+    datamodule.use_tokenizer(tokenizer)
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
@@ -113,26 +133,35 @@ def _find_unused(strategy: Any, trainer_cfg: dict[str, Any]) -> Any:
     return strategy
 
 
-def init_weights(module: GroundingModule, source: str, source_format: str | None) -> None:
-    """Initialise the module's network from a checkpoint (fine-tuning; no optimizer state)."""
+def init_weights(
+    module: GroundingModule,
+    source: str,
+    ckpt_format: str | None,
+    datamodule: L.LightningDataModule | None = None,
+) -> Checkpoint:
+    """Initialise the module's network from a checkpoint (fine-tuning; no optimizer state); the
+    ``datamodule`` then tokenises with the tokenizer the checkpoint carries, if it carries one."""
     from oneref.checkpoint import load_pretrained
 
-    report = load_pretrained(module.model, source, source_format=source_format)
+    checkpoint = Checkpoint.open(source, ckpt_format)
+    log.info("init_from %s", checkpoint)
+    report = load_pretrained(module.model, checkpoint)
     log.info("initialised from %s\n%s", source, report)
+    if datamodule is not None:
+        follow_checkpoint_tokenizer(datamodule, checkpoint)
+    return checkpoint
 
 
 # -- any checkpoint, for evaluation and prediction ---------------------------------------------------
-def apply_folder_architecture(cfg: DictConfig, path: str | Path) -> None:
+def apply_folder_architecture(cfg: DictConfig, checkpoint: Checkpoint) -> None:
     """A checkpoint folder describes its own model: its architecture (config.yaml) replaces the
     composed ``model`` fields (the similarity temperature included), so that what runs is what was
     saved. The heads still follow ``task``."""
-    from oneref.checkpoint import read_folder
-
-    arch = read_folder(path).cfg.to_dict()
+    arch = checkpoint.config.to_dict()
     arch.pop("seg_head", None)
     changed = {k: (cfg.model.get(k), v) for k, v in arch.items() if cfg.model.get(k) != v}
     if changed:
-        log.info("architecture from %s (composed -> folder): %s", path, changed)
+        log.info("architecture from %s (composed -> folder): %s", checkpoint.path, changed)
     with open_dict(cfg):
         for k, v in arch.items():
             cfg.model[k] = v
@@ -153,71 +182,65 @@ def match_data_to_module(cfg: DictConfig, module: GroundingModule) -> None:
 
 
 def load_module(cfg: DictConfig) -> GroundingModule:
-    """The module of ``cfg.ckpt_path``: one of our Lightning ``.ckpt`` files (its own architecture
-    and task), a converted checkpoint folder (its own architecture) or an official ``.pth``
-    (``ckpt_format``, architecture from ``cfg.model``)."""
-    path = str(cfg.ckpt_path)
-    if path.endswith(".ckpt") and cfg.get("ckpt_format") in (None, "lightning"):
-        from oneref.checkpoint import CheckpointError, load_checkpoint_file
-
-        load_checkpoint_file(path)  # refuses a missing, truncated or unsafe file by name
+    """The module of ``cfg.ckpt_path``, opened once (:meth:`Checkpoint.open`, ``ckpt_format``):
+    one of our Lightning REC/RES checkpoints (its own architecture and task), a checkpoint folder
+    (its own architecture) or an official-layout file (architecture from ``cfg.model``). The
+    module's ``checkpoint`` attribute is that description: evaluation builds its data with it
+    (:func:`build_datamodule`), so that the checkpoint's own tokenizer is used."""
+    checkpoint = Checkpoint.open(str(cfg.ckpt_path), cfg.get("ckpt_format"))
+    log.info("evaluating %s", checkpoint)
+    if checkpoint.format == "lightning" and checkpoint.task in ("rec", "res"):
         try:
-            module = GroundingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+            module = GroundingModule.load_from_checkpoint(
+                checkpoint.path, map_location="cpu", weights_only=True
+            )
         except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{path} is not a oneref Lightning checkpoint: {e}") from e
+            raise CheckpointError(f"{checkpoint.path} is not a oneref Lightning checkpoint: {e}") from e
         module.dataset_name = str(cfg.data.dataset)
         # the metric protocol is an evaluation choice, not the checkpoint's
         module.set_original_resolution(bool(cfg.task.get("original_resolution", False)))
-        return module
-    from oneref.checkpoint import load_pretrained
+    else:
+        from oneref.checkpoint import load_pretrained
 
-    if Path(path).is_dir():
-        apply_folder_architecture(cfg, path)
-    module = build_module(cfg)
-    report = load_pretrained(module.model, path, source_format=cfg.get("ckpt_format"))
-    log.info("loaded %s\n%s", path, report)
+        if checkpoint.format == "folder":
+            apply_folder_architecture(cfg, checkpoint)
+        module = build_module(cfg)
+        report = load_pretrained(module.model, checkpoint)
+        log.info("loaded %s\n%s", checkpoint.path, report)
+    module.checkpoint = checkpoint
     return module
 
 
-def resolve_tokenizer(cfg: DictConfig) -> Tokenizer:
-    """The tokenizer for ``cfg.ckpt_path``, without building a DataModule: ``tokenizer=`` if given,
-    else the checkpoint's own (a folder's file, or the copy our ``.ckpt`` files embed), else
-    ``data.tokenizer``, else, for our own checkpoints only, the synthetic dataset's model when it
-    has been generated (an official file is never paired with the synthetic vocabulary)."""
-    from oneref.checkpoint import CheckpointError, load_checkpoint_file, read_folder
+def predict_tokenizer(cfg: DictConfig, checkpoint: Checkpoint) -> str | None:
+    """The tokenizer the prediction config names for ``checkpoint``: ``tokenizer=``, else
+    ``data.tokenizer`` (ignored when that file does not exist and the checkpoint carries its own),
+    else, for our own checkpoints that carry none, the synthetic dataset's model when it has been
+    generated (an official file is never paired with the synthetic vocabulary)."""
     from oneref.data.synthetic import SyntheticPaths
 
-    max_len = int(cfg.data.max_query_len)
     if cfg.get("tokenizer"):
-        return Tokenizer(Path(str(cfg.tokenizer)).expanduser(), max_len)
-    path = Path(str(cfg.ckpt_path)).expanduser()
-    ours = path.is_dir() or path.suffix == ".ckpt"
-    if path.is_dir():
-        folder = read_folder(path)
-        if folder.tokenizer is not None:
-            return Tokenizer(folder.tokenizer, int(folder.preprocessing.get("max_query_len", max_len)))
-    elif path.suffix == ".ckpt":
-        entry = load_checkpoint_file(path, mmap=True).get("tokenizer")
-        if entry:
-            return Tokenizer.from_serialized(
-                entry["model"], int(entry["max_query_len"]), name=f"{path} (embedded tokenizer)"
-            )
+        return str(cfg.tokenizer)
+    carried = checkpoint.carried_tokenizer is not None
     if cfg.data.get("tokenizer"):
-        return Tokenizer(Path(str(cfg.data.tokenizer)).expanduser(), max_len)
-    if ours and cfg.data.get("dataset") == "synthetic":
+        data_tokenizer = Path(str(cfg.data.tokenizer)).expanduser()
+        if not (carried and not data_tokenizer.is_file()):
+            return str(data_tokenizer)
+    if carried:
+        return None
+    if checkpoint.format in ("lightning", "folder") and cfg.data.get("dataset") == "synthetic":
         synthetic = SyntheticPaths(Path(str(cfg.data.data_root)).expanduser().absolute()).tokenizer
         if synthetic.is_file():
-            return Tokenizer(synthetic, max_len)
+            return str(synthetic)
     raise CheckpointError(
-        f"no tokenizer found for {path}: it carries none; pass tokenizer=PATH (beit3.spm for the released "
-        "models) or data.tokenizer=PATH"
+        f"no tokenizer found for {checkpoint.path}: it carries none; pass tokenizer=PATH (beit3.spm for the "
+        "released models) or data.tokenizer=PATH"
     )
 
 
 def load_predictor(cfg: DictConfig) -> Predictor:
     """A :class:`~oneref.predictor.Predictor` for ``cfg.ckpt_path`` (any checkpoint the CLI takes),
     through :func:`oneref.predictor.load`. Our ``.ckpt`` files and checkpoint folders bring their
-    architecture; an official file is built as the composed ``model`` and ``task`` say."""
+    architecture and tokenizer; an official file is built as the composed ``model`` and ``task`` say."""
     from oneref.checkpoint import CheckpointError
     from oneref.models.registry import config_from_options
     from oneref.predictor import load
@@ -225,24 +248,23 @@ def load_predictor(cfg: DictConfig) -> Predictor:
     path = Path(str(cfg.ckpt_path)).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path not found: {path}")
-    fmt = cfg.get("ckpt_format")
+    checkpoint = Checkpoint.open(path, cfg.get("ckpt_format"))
     config = None
-    if not (path.is_dir() or (path.suffix == ".ckpt" and fmt in (None, "lightning"))):
+    if checkpoint.format not in ("folder", "lightning"):
         try:
             config = config_from_options(to_container(cfg.model), seg_head=cfg.task.name == "res")
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"model={cfg.model.size} task={cfg.task.name}: {e}") from e
-    photo = to_container(cfg.get("photo") or {})
-    if isinstance(photo.get("background"), list):
-        photo["background"] = tuple(photo["background"])
+    tokenizer = predict_tokenizer(cfg, checkpoint)
     return load(
-        path,
-        tokenizer=resolve_tokenizer(cfg),
-        source_format=fmt,
+        checkpoint,
+        tokenizer=tokenizer,
+        # a tokenizer of the config: the data's length; the checkpoint's own: its length
+        max_query_len=None if checkpoint.carried_tokenizer else int(cfg.data.max_query_len),
         config=config,
         device=cfg.get("device", "auto"),
         precision=cfg.get("precision", "auto"),
         batch_size=int(cfg.get("batch_size", 16)),
         workers=cfg.get("workers"),
-        **photo,
+        photo=to_container(cfg.get("photo") or {}),
     )

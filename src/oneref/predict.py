@@ -38,6 +38,7 @@ from oneref import factory
 from oneref.config import config_dir
 from oneref.data.images import Photo
 from oneref.drawing import draw_sample
+from oneref.errors import UserError
 from oneref.predictor import Prediction
 from oneref.reporting import quiet_third_party
 
@@ -188,7 +189,7 @@ def cli(cfg: DictConfig) -> int:
     """The command: predictions printed, or bad input reported in one line (exit status 2)."""
     try:
         print_predictions(*run(cfg))
-    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to fix
+    except (FileNotFoundError, ValueError, UserError) as e:  # bad input: the message says what to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

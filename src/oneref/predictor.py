@@ -9,7 +9,7 @@
 :func:`load` builds a :class:`Predictor` from any checkpoint the CLI takes. The Predictor holds the
 network, its tokenizer and its preprocessing (the official evaluation letterbox). It reads every
 image with :func:`oneref.data.images.load_photo` (EXIF orientation, every Pillow mode, size
-limits), decodes images ahead of the model in a bounded thread pool, batches the queries, and maps
+limits), decodes images ahead of the model (:mod:`oneref.decode_ahead`), batches the queries, and maps
 every result back to the image as the user sees it: for REC models the regressed box (xyxy); for
 RES models the mask at the image's size (by the rule of the original-resolution metrics,
 oneref.tasks.metrics) and, as the box, the mask's bounding box: the official RES recipes never
@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -34,40 +31,12 @@ from typing import Any, overload
 import numpy as np
 import torch
 from PIL import Image
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 from torchvision.ops import box_convert
 
-from oneref.checkpoint import (
-    CheckpointError,
-    extract_state_dict,
-    infer_architecture,
-    infer_config,
-    is_lightning_checkpoint,
-    load_checkpoint_file,
-    load_model,
-    read_folder,
-)
-from oneref.checkpoint.folder import DEFAULT_MAX_QUERY_LEN, TOKENIZER_HELP
+from oneref.checkpoint import Checkpoint, CheckpointError, check_format, load_model
+from oneref.checkpoint.folder import TOKENIZER_HELP
 from oneref.data.datasets import RefCollate
-from oneref.data.images import (
-    DEFAULT_BACKGROUND,
-    DEFAULT_HARD_MAX_PIXELS,
-    DEFAULT_MAX_PIXELS,
-    ImageError,
-    ImageSource,
-    Photo,
-    load_photo,
-)
+from oneref.data.images import ImageError, ImageSource, Photo, PhotoOptions
 from oneref.data.tokenizer import Tokenizer
 from oneref.data.transforms import (
     ObjMask,
@@ -76,14 +45,14 @@ from oneref.data.transforms import (
     letterbox_to_original,
     long_side_size,
 )
+from oneref.decode_ahead import decode_ahead
 from oneref.models.oneref import OneRef, OneRefConfig
 from oneref.models.registry import SIZES
+from oneref.reporting import progress_bar
 from oneref.tasks.metrics import res_pred_mask_original
 
 log = logging.getLogger(__name__)
 
-# Formats a predictor can run: a BEiT-3 pretrained file has no trained grounding head.
-PREDICT_FORMATS = ("folder", "lightning", "official", "mrefm")
 SOURCES_HELP = (
     "give one of our Lightning .ckpt files, a checkpoint folder (python -m oneref.convert official IN.pth "
     "OUT_DIR --tokenizer beit3.spm) or an official .pth with tokenizer='beit3.spm'"
@@ -146,8 +115,8 @@ class Predictor:
         batch_size: queries per forward.
         workers: threads decoding images ahead of the model (None: up to 4; 0: in the calling
             thread). At most ``batch_size + workers`` decoded images are held at a time.
-        exif_orientation, background, max_pixels, hard_max_pixels: how photos are read
-            (:func:`oneref.data.images.load_photo`).
+        photo: how photos are read (:class:`oneref.data.images.PhotoOptions`, or a dict of its
+            fields; default: EXIF orientation applied, downscaled over 50 MP).
     """
 
     def __init__(
@@ -159,10 +128,7 @@ class Predictor:
         precision: str = "auto",
         batch_size: int = 16,
         workers: int | None = None,
-        exif_orientation: bool = True,
-        background: tuple[int, int, int] | str | None = DEFAULT_BACKGROUND,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        hard_max_pixels: int | None = DEFAULT_HARD_MAX_PIXELS,
+        photo: PhotoOptions | dict | None = None,
     ) -> None:
         if not isinstance(model, OneRef):
             raise TypeError(
@@ -174,13 +140,8 @@ class Predictor:
                 f"has {model.cfg.vocab_size} rows: it is not this model's tokenizer (the released models use "
                 "beit3.spm)"
             )
-        photo_options = dict(
-            exif_orientation=exif_orientation,
-            background=background,
-            max_pixels=max_pixels,
-            hard_max_pixels=hard_max_pixels,
-        )
-        device, workers = check_options(device, precision, batch_size, workers, photo_options)
+        device, workers = check_options(device, precision, batch_size, workers)
+        self.photo = PhotoOptions.from_any(photo)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -188,7 +149,6 @@ class Predictor:
         self.bf16 = self.device.type == "cuda" and precision == "auto"
         self.batch_size = int(batch_size)
         self.workers = workers
-        self.photo_options: dict[str, Any] = photo_options
         self.source = ""  # the checkpoint, set by load()
 
     def __repr__(self) -> str:
@@ -212,7 +172,7 @@ class Predictor:
 
     def load_photo(self, source: ImageSource) -> Photo:
         """``source`` read as this predictor reads every image (its photo settings)."""
-        return load_photo(source, **self.photo_options)
+        return self.photo.load(source)
 
     # -- the API ----------------------------------------------------------------------------------
     @overload
@@ -313,8 +273,8 @@ class Predictor:
         self, sources: list[ImageSource], texts: list[str], progress: bool
     ) -> Iterator[tuple[Photo, Prediction]]:
         n = len(texts)
-        decoded = _decode_ahead(self._prepare, sources, self.workers, self.batch_size + self.workers)
-        with _progress_bar(progress, n) as advance:
+        decoded = decode_ahead(self._prepare, sources, self.workers, self.batch_size + self.workers)
+        with progress_bar(progress, n) as advance:
             try:
                 for start in range(0, n, self.batch_size):
                     items = [next(decoded) for _ in range(min(self.batch_size, n - start))]
@@ -371,7 +331,6 @@ def check_options(
     precision: str,
     batch_size: int,
     workers: int | None,
-    photo_options: dict[str, Any],
 ) -> tuple[torch.device, int]:
     """Refuse bad settings before any weight is read; returns the device and the worker count."""
     if precision not in ("auto", "fp32"):
@@ -394,138 +353,95 @@ def check_options(
         raise ValueError(
             f"device={str(device)!r} but torch sees no CUDA GPU here; use device='auto' or 'cpu'"
         )
-    load_photo(np.zeros((1, 1, 3), np.uint8), **photo_options)  # the photo settings, checked now
     return device, workers
 
 
 # -- loading ---------------------------------------------------------------------------------------
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Checkpoint,
     *,
     size: str | None = None,
     tokenizer: str | os.PathLike | Tokenizer | None = None,
     max_query_len: int | None = None,
-    source_format: str | None = None,
+    ckpt_format: str | None = None,
     config: OneRefConfig | None = None,
     device: str | torch.device = "auto",
     precision: str = "auto",
     batch_size: int = 16,
     workers: int | None = None,
-    exif_orientation: bool = True,
-    background: tuple[int, int, int] | str | None = DEFAULT_BACKGROUND,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    hard_max_pixels: int | None = DEFAULT_HARD_MAX_PIXELS,
+    photo: PhotoOptions | dict | None = None,
 ) -> Predictor:
     """A ready :class:`Predictor` for any checkpoint the CLI takes, on the GPU when there is one.
 
     ``path``: one of our Lightning ``.ckpt`` files (they carry their architecture and embed their
-    tokenizer), a checkpoint folder (config.yaml + weights + tokenizer), or an official OneRef /
-    MRefM ``.pth`` (``tokenizer`` required: ``beit3.spm``).
+    tokenizer), a checkpoint folder (config.yaml + weights + tokenizer), an official OneRef /
+    MRefM ``.pth`` (``tokenizer`` required: ``beit3.spm``), or an opened
+    :class:`~oneref.checkpoint.Checkpoint`.
 
     ``size`` (tiny, base, large): checked against the checkpoint; the architecture of an official
-    file is read off its shapes (size, image size, seg head), as ``python -m oneref.convert
-    official`` does, so it may be left out. ``tokenizer``: a sentencepiece file or a
-    :class:`Tokenizer`, replacing the checkpoint's own. ``max_query_len``: tokens per expression,
-    bos and eos included (default: the checkpoint's, 64 for official files); longer expressions
-    are truncated with one warning, as in training. ``source_format``: ``folder``, ``lightning``,
-    ``official`` or ``mrefm`` (default: a folder is a folder, a Lightning file is Lightning, any
-    other file is official). ``config``: the architecture to build instead of the checkpoint's
-    (what the CLI composes for official files). The other arguments go to :class:`Predictor`.
+    file is read off its shapes (size, image size, seg head), so it may be left out.
+    ``tokenizer``: a sentencepiece file or a :class:`Tokenizer`, for a checkpoint that carries
+    none; one that differs from the checkpoint's own is refused (the same pieces are accepted).
+    ``max_query_len``: tokens per expression, bos and eos included (default: the checkpoint's, 64
+    for official files); longer expressions are truncated with one warning, as in training.
+    ``ckpt_format``: one of ``oneref.checkpoint.FORMATS`` (default: detected,
+    :meth:`Checkpoint.open`). ``config``: the architecture to build instead of the checkpoint's
+    (what the CLI composes for official files). ``photo``: how photos are read
+    (:class:`~oneref.data.images.PhotoOptions`). The other arguments go to :class:`Predictor`.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}; {SOURCES_HELP}")
-    if source_format == "beit3":
-        raise CheckpointError(
-            f"{path}: a BEiT-3 pretrained checkpoint has no trained grounding head, so it cannot predict; "
-            "fine-tune it first (python -m oneref.train init_from=... init_format=beit3)"
-        )
-    if source_format not in (None, *PREDICT_FORMATS):
-        raise CheckpointError(f"unknown source_format {source_format!r}; choose one of {PREDICT_FORMATS}")
+    if not isinstance(path, Checkpoint):
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}; {SOURCES_HELP}")
+        check_format(ckpt_format)
+        if ckpt_format == "beit3":
+            raise CheckpointError(_no_head(path))
     if max_query_len is not None and (isinstance(max_query_len, bool) or not isinstance(max_query_len, int)):
         raise ValueError(f"max_query_len must be an integer, got {max_query_len!r}")
     if size is not None and size not in SIZES:
         raise CheckpointError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
-    photo_options = dict(
-        exif_orientation=exif_orientation,
-        background=background,
-        max_pixels=max_pixels,
-        hard_max_pixels=hard_max_pixels,
-    )
-    check_options(device, precision, batch_size, workers, photo_options)
+    photo = PhotoOptions.from_any(photo)
+    check_options(device, precision, batch_size, workers)
 
-    if path.is_dir() or source_format == "folder":
-        folder = read_folder(path)
-        if tokenizer is None and folder.tokenizer is None:
-            raise CheckpointError(
-                f"checkpoint folder {path} has no tokenizer: pass tokenizer=PATH to oneref.load, or {TOKENIZER_HELP}"
-            )
-        tok = _tokenizer(
-            tokenizer or folder.tokenizer,
-            max_query_len or int(folder.preprocessing.get("max_query_len", DEFAULT_MAX_QUERY_LEN)),
-        )
-        fmt = "folder"
-    else:
-        obj = load_checkpoint_file(path, mmap=True)  # refuses a truncated or unsafe file by name
-        if is_lightning_checkpoint(obj) and source_format in (None, "lightning"):
-            fmt = "lightning"
-            entry = obj.get("tokenizer")
-            if tokenizer is not None:
-                tok = _tokenizer(tokenizer, max_query_len or _entry_len(entry))
-            elif entry:
-                tok = Tokenizer.from_serialized(
-                    entry["model"], max_query_len or _entry_len(entry), name=f"{path} (embedded tokenizer)"
-                )
-            else:
-                raise CheckpointError(
-                    f"{path} embeds no tokenizer (it was saved without a DataModule): pass tokenizer=PATH, the "
-                    "sentencepiece model it was trained with"
-                )
-        else:
-            fmt = source_format or "official"
-            if tokenizer is None:
-                raise CheckpointError(
-                    f"{path} is an official checkpoint, which carries no tokenizer: pass tokenizer='beit3.spm' "
-                    "(oneref.load) or tokenizer=PATH (python -m oneref.predict). beit3.spm is published with "
-                    "BEiT-3 (microsoft/unilm, beit3/README.md, 'Text Tokenizer')"
-                )
-            tok = _tokenizer(tokenizer, max_query_len or DEFAULT_MAX_QUERY_LEN)
-            if config is None:
-                arch = infer_architecture(extract_state_dict(obj, source=str(path)).state_dict)
-                config = infer_config(arch, task="rec" if fmt == "mrefm" else None)
-        del obj
-    if config is not None or fmt == "folder":  # checked before the weights are read
-        _check_size(size, config or folder.cfg, path)
-    model, _ = load_model(path, config, fmt)
-    _check_size(size, model.cfg, path)
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, ckpt_format)
+    if not ckpt.runnable:
+        raise CheckpointError(_no_head(ckpt.path))
+    tok = ckpt.choose_tokenizer(tokenizer, max_query_len)
+    if tok is None:
+        raise CheckpointError(_no_tokenizer(ckpt))
+    cfg = config or ckpt.config
+    if cfg is None:
+        raise CheckpointError(f"{ckpt.path}: {ckpt.config_problem}")
+    _check_size(size, cfg, ckpt.path)  # before the weights are read
+    model, _ = load_model(ckpt, config)
     predictor = Predictor(
-        model,
-        tok,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        workers=workers,
-        **photo_options,
+        model, tok, device=device, precision=precision, batch_size=batch_size, workers=workers, photo=photo
     )
-    predictor.source = str(path)
-    log.info("loaded %r", predictor)
+    predictor.source = str(ckpt.path)
+    log.info("loaded %r (%s)", predictor, ckpt)
     return predictor
 
 
-def _entry_len(entry: Any) -> int:
-    return int(entry["max_query_len"]) if entry else DEFAULT_MAX_QUERY_LEN
+def _no_head(path: Path) -> str:
+    return (
+        f"{path}: a BEiT-3 pretrained checkpoint has no trained grounding head, so it cannot predict; "
+        "fine-tune it first (python -m oneref.train init_from=... ckpt_format=beit3)"
+    )
 
 
-def _tokenizer(tokenizer: str | os.PathLike | Tokenizer, max_query_len: int) -> Tokenizer:
-    if isinstance(tokenizer, Tokenizer):
-        if tokenizer.max_query_len == max_query_len:
-            return tokenizer
-        return Tokenizer.from_serialized(tokenizer.serialized(), max_query_len, name=tokenizer.model_path)
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        raise TypeError(
-            f"tokenizer must be a path to a sentencepiece model or a Tokenizer, got {type(tokenizer).__name__}"
+def _no_tokenizer(ckpt: Checkpoint) -> str:
+    if ckpt.format == "folder":
+        return f"checkpoint folder {ckpt.path} has no tokenizer: pass tokenizer=PATH to oneref.load, or {TOKENIZER_HELP}"
+    if ckpt.format == "lightning":
+        return (
+            f"{ckpt.path} embeds no tokenizer (it was saved without a DataModule): pass tokenizer=PATH, the "
+            "sentencepiece model it was trained with"
         )
-    return Tokenizer(Path(tokenizer).expanduser(), max_query_len)
+    return (
+        f"{ckpt.path} is an official checkpoint, which carries no tokenizer: pass tokenizer='beit3.spm' "
+        "(oneref.load) or tokenizer=PATH (python -m oneref.predict). beit3.spm is published with "
+        "BEiT-3 (microsoft/unilm, beit3/README.md, 'Text Tokenizer')"
+    )
 
 
 def _check_size(size: str | None, cfg: OneRefConfig, path: Path) -> None:
@@ -550,80 +466,3 @@ def _name(source: Any) -> str:
     if isinstance(source, Image.Image):
         return getattr(source, "filename", "") or "<PIL image>"
     return "<array>" if isinstance(source, np.ndarray) else type(source).__name__
-
-
-def _source_key(source: Any) -> Any:
-    """What makes two queries' images the same: the path, or the very object."""
-    if isinstance(source, (str, Path)):
-        return ("path", str(Path(source).expanduser()))
-    return ("object", id(source))
-
-
-def _decode_ahead(
-    prepare: Callable[[int, ImageSource], _Prepared], sources: Sequence[ImageSource], workers: int, ahead: int
-) -> Iterator[_Prepared]:
-    """``prepare(i, source)`` for every source, in order, up to ``ahead`` queries in advance on
-    ``workers`` threads. An image repeated within that window (one image, several texts; a JSONL
-    file that lists one photo several times in a row) is decoded once."""
-    if workers == 0:
-        last_key, last = None, None
-        for i, src in enumerate(sources):
-            key = _source_key(src)
-            if key != last_key:
-                last_key, last = key, prepare(i, src)
-            yield last
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="oneref-decode")
-    window: OrderedDict[Any, Future] = OrderedDict()
-    pending: deque[Future] = deque()
-    todo = iter(enumerate(sources))
-
-    def submit_next() -> None:
-        nxt = next(todo, None)
-        if nxt is None:
-            return
-        i, src = nxt
-        key = _source_key(src)
-        fut = window.get(key)
-        if fut is None:
-            fut = window[key] = pool.submit(prepare, i, src)
-            if len(window) > ahead:
-                window.popitem(last=False)
-        else:
-            window.move_to_end(key)
-        pending.append(fut)
-
-    try:
-        for _ in range(ahead):
-            submit_next()
-        while pending:
-            fut = pending.popleft()
-            submit_next()
-            yield fut.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.1f} queries/s" if task.speed else "", style="progress.data.speed")
-
-
-@contextmanager
-def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """``advance(n)`` of a rich progress bar with queries/s, on a terminal only (never in logs
-    or pipes)."""
-    console = Console(stderr=True)
-    if not (enabled and total and console.is_terminal):
-        yield lambda n: None
-        return
-    columns = (
-        TextColumn("predicting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("predicting", total=total)
-        yield lambda n: bar.advance(task, n)

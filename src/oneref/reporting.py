@@ -1,15 +1,28 @@
-"""What a run tells its user: run facts for the loggers and the result table."""
+"""What a run tells its user: run facts for the loggers, the result table, the baseline, the
+progress bar of prediction."""
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from oneref.config import to_container
 
@@ -76,3 +89,29 @@ def finish_loggers(trainer: L.Trainer | None) -> None:
         import wandb
 
         wandb.finish()
+
+
+# -- progress bar -------------------------------------------------------------------------------------
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} queries/s" if task.speed else "", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(enabled: bool, total: int, label: str = "predicting") -> Iterator[Callable[[int], None]]:
+    """``advance(n)`` of a rich progress bar with queries/s, on a terminal only (never in logs
+    or pipes)."""
+    console = Console(stderr=True)
+    if not (enabled and total and console.is_terminal):
+        yield lambda n: None
+        return
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

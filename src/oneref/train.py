@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning("not resuming from %s: it is another run (%s differ)", ckpt_path, ", ".join(differ))
             ckpt_path = None
     if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
-        factory.init_weights(module, str(cfg.init_from), cfg.get("init_format"))
+        factory.init_weights(module, str(cfg.init_from), cfg.get("ckpt_format"), datamodule=datamodule)
     install_hydra_ddp_launch()
     launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}
     trainer = factory.build_trainer(cfg)

@@ -1,11 +1,13 @@
-"""Checkpoints: key tables, converters, strict loading, self-describing folders.
+"""Checkpoints: what a path is (:class:`Checkpoint`), key tables, converters, strict loading,
+self-describing folders.
 
-Which function for which need: docs/checkpoints.md. Every entry point loads weights through
-:func:`load_pretrained` (into a model) or :func:`load_model` (builds the model too).
+Which function for which need: docs/checkpoints.md. :meth:`Checkpoint.open` decides what a
+checkpoint is (format, architecture, task, tokenizer, training facts); every entry point loads
+weights through :func:`load_pretrained` (into a model) or :func:`load_model` (builds the model
+too), which open it.
 """
 
 from oneref.checkpoint.converters import (
-    CHECKPOINT_FORMATS,
     TASKS,
     check_compatible,
     convert_state_dict,
@@ -14,6 +16,7 @@ from oneref.checkpoint.converters import (
     resize_vision_positions,
     to_official,
 )
+from oneref.checkpoint.descriptor import Checkpoint, CheckpointNotFound, resolve_source, same_pieces
 from oneref.checkpoint.folder import (
     CheckpointFolder,
     FolderCheck,
@@ -21,6 +24,7 @@ from oneref.checkpoint.folder import (
     save_folder,
     validate_folder,
 )
+from oneref.checkpoint.formats import AUTO, FORMAT_NAMES, FORMATS, RUNNABLE_FORMATS, check_format
 from oneref.checkpoint.io import (
     CheckpointError,
     extract_state_dict,
@@ -29,7 +33,6 @@ from oneref.checkpoint.io import (
 )
 from oneref.checkpoint.keys import key_group, official_keys
 from oneref.checkpoint.loading import (
-    SOURCE_FORMATS,
     LoadError,
     build_model,
     load_into,
@@ -40,16 +43,21 @@ from oneref.checkpoint.loading import (
 from oneref.checkpoint.report import ConversionReport
 
 __all__ = [
-    "CHECKPOINT_FORMATS",
-    "SOURCE_FORMATS",
+    "AUTO",
+    "FORMATS",
+    "FORMAT_NAMES",
+    "RUNNABLE_FORMATS",
     "TASKS",
+    "Checkpoint",
     "CheckpointError",
+    "CheckpointNotFound",
     "CheckpointFolder",
     "ConversionReport",
     "FolderCheck",
     "LoadError",
     "build_model",
     "check_compatible",
+    "check_format",
     "convert_state_dict",
     "extract_state_dict",
     "infer_architecture",
@@ -64,6 +72,8 @@ __all__ = [
     "read_folder",
     "read_weights",
     "resize_vision_positions",
+    "resolve_source",
+    "same_pieces",
     "save_folder",
     "to_official",
     "validate_folder",

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oneref.checkpoint.formats import LAYOUT_FORMATS
 from oneref.checkpoint.io import CheckpointError
 from oneref.checkpoint.keys import (
     POS_A,
@@ -46,7 +47,6 @@ from oneref.models.oneref import OneRefConfig
 from oneref.models.registry import SIZES
 
 TASKS: tuple[str, ...] = ("rec", "res", "mrefm")
-CHECKPOINT_FORMATS: tuple[str, ...] = ("official", "mrefm", "beit3")
 DEFAULT_MIM_CODEBOOK = 8192  # VQ-KD codebook of the released MRefM models
 
 
@@ -272,8 +272,8 @@ def convert_state_dict(
 ) -> tuple[dict[str, Tensor], ConversionReport]:
     """A checkpoint of format ``fmt`` (official | mrefm | beit3, see the module docstring) -> our
     state dict for a model built from ``cfg``, and the report of what happened to every key."""
-    if fmt not in CHECKPOINT_FORMATS:
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of {CHECKPOINT_FORMATS}")
+    if fmt not in LAYOUT_FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of {LAYOUT_FORMATS}")
     report = ConversionReport(source=source, source_format=fmt)
     arch = infer_architecture(state_dict)
     check_compatible(arch, cfg, resize_positions=resize_positions or fmt == "beit3")

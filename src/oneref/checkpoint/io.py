@@ -22,11 +22,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from oneref.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file, folder or state dict that cannot be used; the message says what to do."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file, folder or state dict that cannot be used; the message says what to do
+    (a :class:`~oneref.errors.UserError`: entry points exit 2 with the message)."""
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -70,7 +73,7 @@ def load_checkpoint_file(
     if path.is_dir():
         raise CheckpointError(
             f"{path} is a folder, not a checkpoint file; load a converted checkpoint folder with "
-            "source_format='folder' (load_pretrained does this for folders)"
+            "oneref.checkpoint.Checkpoint.open (ckpt_format=folder or auto)"
         )
     size = path.stat().st_size
     if size == 0:

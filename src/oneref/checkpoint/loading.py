@@ -1,7 +1,8 @@
 """Loading weights into a model: the strict, transactional :func:`load_into`, and the one loader
-every entry point uses, :func:`load_pretrained` / :func:`load_model`, which read any supported
-source (a checkpoint folder, an official OneRef/MRefM file, a BEiT-3 pretrained file, one of our
-Lightning ``.ckpt`` files), convert it and load it strictly, with a report of every key.
+every entry point uses, :func:`load_pretrained` / :func:`load_model`, which open any supported
+source with :meth:`oneref.checkpoint.descriptor.Checkpoint.open` (a checkpoint folder, an official
+OneRef/MRefM file, a BEiT-3 pretrained file, one of our Lightning ``.ckpt`` files), convert it and
+load it strictly, with a report of every key.
 """
 
 from __future__ import annotations
@@ -9,27 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from oneref.checkpoint.converters import (
-    check_compatible,
-    convert_state_dict,
-    infer_architecture,
-    infer_config,
-)
-from oneref.checkpoint.folder import CONVERT_HELP, read_folder
-from oneref.checkpoint.io import (
-    CheckpointError,
-    extract_state_dict,
-    is_lightning_checkpoint,
-    load_checkpoint_file,
-)
+from oneref.checkpoint.converters import check_compatible, infer_architecture
+from oneref.checkpoint.descriptor import Checkpoint, allowed_missing
+from oneref.checkpoint.io import CheckpointError
 from oneref.checkpoint.keys import (
     HEAD_GROUPS,
-    built_groups,
     diff_keys,
     expand_groups,
     format_key_problems,
@@ -41,10 +30,6 @@ from oneref.checkpoint.report import ConversionReport
 from oneref.models.oneref import OneRef, OneRefConfig
 
 log = logging.getLogger(__name__)
-
-SOURCE_FORMATS = ("official", "mrefm", "beit3", "folder", "lightning")
-# What each format may legitimately lack (loaded non-strictly with these groups allowed).
-DEFAULT_ALLOW_MISSING: dict[str, tuple[str, ...]] = {"beit3": ("heads",), "mrefm": ("seg",)}
 
 
 class LoadError(CheckpointError):
@@ -98,7 +83,7 @@ def load_into(
             else ""
         )
         if bad_missing and all(key_group(k) in HEAD_GROUPS for k in bad_missing):
-            hints += "\n  hint: only head weights are missing; a BEiT-3 pretrained checkpoint needs source_format='beit3'"
+            hints += "\n  hint: only head weights are missing; a BEiT-3 pretrained checkpoint needs ckpt_format='beit3'"
         src = f" {report.source}" if report.source else ""
         msg = format_key_problems(
             f"cannot load checkpoint{src} into {type(model).__name__}:{headline}",
@@ -153,29 +138,9 @@ def build_model(cfg: OneRefConfig, *, initialise: bool = True) -> OneRef:
     return model.to_empty(device="cpu")
 
 
-def _lightning_state_dict(obj: Mapping[str, Any], report: ConversionReport) -> dict[str, Tensor]:
-    """Our LightningModules hold the network as ``self.model``; everything else is dropped and listed."""
-    out: dict[str, Tensor] = {}
-    for key, value in obj["state_dict"].items():
-        if not key.startswith("model."):
-            report.dropped[key] = "LightningModule state outside the network (self.model)"
-            continue
-        ours = key[len("model.") :]
-        if ours.startswith("_orig_mod."):  # saved from a torch.compile'd network
-            ours = ours[len("_orig_mod.") :]
-        report.renamed[key] = ours
-        out[ours] = value
-    if not out:
-        raise CheckpointError(
-            f"{report.source} is a Lightning checkpoint without 'model.*' weights; oneref LightningModules keep the "
-            "network as self.model"
-        )
-    return out
-
-
 def read_weights(
     source: str | Path,
-    source_format: str | None = None,
+    ckpt_format: str | None = None,
     cfg: OneRefConfig | None = None,
     *,
     resize_positions: bool = False,
@@ -183,77 +148,17 @@ def read_weights(
 ) -> tuple[dict[str, Tensor], OneRefConfig, ConversionReport, str]:
     """Read and convert any supported source: returns (our state dict, cfg, report, format).
 
-    ``source_format`` None: a folder is a folder, a file with ``state_dict`` and
-    ``pytorch-lightning_version`` is one of our Lightning checkpoints, and any other file is taken
-    as an official OneRef checkpoint (strict: an MRefM or BEiT-3 file then fails with a hint to
-    name its format). ``cfg`` None: from the folder's config.yaml, a Lightning checkpoint's
-    ``hyper_parameters['architecture']``, or the shapes (registered sizes only).
+    What the source is (its format, architecture) is decided by :meth:`Checkpoint.open`; ``cfg``
+    None: the checkpoint's own architecture.
     """
-    source = Path(source)
-    if source_format is not None and source_format not in SOURCE_FORMATS:
-        raise CheckpointError(f"unknown source format {source_format!r}; choose one of {SOURCE_FORMATS}")
-    if source_format == "folder" or (source_format is None and source.is_dir()):
-        folder = read_folder(source)
-        cfg = cfg or folder.cfg
-        sd, report = convert_state_dict(
-            folder.state_dict(), cfg, resize_positions=resize_positions, source=str(source)
-        )
-        report.source_format = "folder"
-        return sd, cfg, report, "folder"
-    if source_format == "folder":
-        raise CheckpointError(f"{source} is not a folder; {CONVERT_HELP.format(dir=source)}")
-    obj = load_checkpoint_file(source, mmap=True)
-    lightning = is_lightning_checkpoint(obj)
-    fmt = source_format or ("lightning" if lightning else "official")
-    if fmt == "lightning":
-        if not lightning:
-            raise CheckpointError(
-                f"{source} is not a Lightning checkpoint (no 'state_dict' + 'pytorch-lightning_version')"
-            )
-        report = ConversionReport(source=str(source), source_format="lightning")
-        raw = _lightning_state_dict(obj, report)
-        arch = (obj.get("hyper_parameters") or {}).get("architecture")
-        if cfg is None and isinstance(arch, Mapping):
-            cfg = OneRefConfig(**arch)
-        cfg = cfg or infer_config(infer_architecture(raw))
-        # One of our MRefM pretraining checkpoints into a REC/RES model: its MIM/MLM heads are
-        # dropped and listed, and a seg head it never had starts from initialisation (as "mrefm").
-        pretraining = {key_group(k) for k in raw} & {"mim", "mlm"}
-        src_fmt = "mrefm" if pretraining - built_groups(cfg) else "official"
-        sd, conv = convert_state_dict(
-            raw, cfg, src_fmt, resize_positions=resize_positions, source=str(source)
-        )
-        conv.source_format, conv.dropped, conv.renamed = (
-            "lightning" if src_fmt == "official" else "lightning (MRefM pretraining)",
-            {**report.dropped, **conv.dropped},
-            report.renamed,
-        )
-        return sd, cfg, conv, "lightning" if src_fmt == "official" else "mrefm"
-    if lightning:
-        raise CheckpointError(
-            f"{source} is a Lightning checkpoint, not format {fmt!r}; use source_format='lightning'"
-        )
-    extracted = extract_state_dict(obj, model_key, source=str(source))
-    raw = extracted.state_dict
-    arch = infer_architecture(raw)
-    if cfg is None:
-        if fmt == "beit3":
-            raise CheckpointError(
-                "a BEiT-3 checkpoint does not say which OneRef model to build: pass a config (size, img_size, task)"
-            )
-        cfg = infer_config(arch, task="rec" if fmt == "mrefm" else None)
-    sd, report = convert_state_dict(raw, cfg, fmt, resize_positions=resize_positions, source=str(source))
-    if extracted.stripped_prefix:
-        report.notes.append(f"stripped the prefix {extracted.stripped_prefix!r} from every key")
-    if extracted.model_key:
-        report.notes.append(f"weights read from checkpoint[{extracted.model_key!r}]")
-    return sd, cfg, report, fmt
+    ckpt = Checkpoint.open(source, ckpt_format, model_key=model_key)
+    return ckpt.read_weights(cfg, resize_positions=resize_positions)
 
 
 def load_pretrained(
     model: OneRef,
     source: str | Path,
-    source_format: str | None = None,
+    ckpt_format: str | None = None,
     *,
     resize_positions: bool = False,
     allow_missing: Iterable[str] | None = None,
@@ -271,9 +176,12 @@ def load_pretrained(
         raise TypeError(
             f"load_pretrained loads into a OneRef model, got {type(model).__name__}; use load_model to build one"
         )
-    sd, cfg, report, fmt = read_weights(
-        source, source_format, model.cfg, resize_positions=resize_positions, model_key=model_key
+    ckpt = (
+        source
+        if isinstance(source, Checkpoint)
+        else Checkpoint.open(source, ckpt_format, model_key=model_key)
     )
+    sd, cfg, report, fmt = ckpt.read_weights(model.cfg, resize_positions=resize_positions)
     allow = allowed_missing(fmt, cfg, allow_missing)
     return load_into(model, sd, strict=not allow, allow_missing=allow, report=report)
 
@@ -281,7 +189,7 @@ def load_pretrained(
 def load_model(
     source: str | Path,
     cfg: OneRefConfig | None = None,
-    source_format: str | None = None,
+    ckpt_format: str | None = None,
     *,
     resize_positions: bool = False,
     allow_missing: Iterable[str] | None = None,
@@ -290,16 +198,13 @@ def load_model(
     """Build a model for ``source`` and load it: the architecture comes from ``cfg``, else from the
     folder's config.yaml, a Lightning checkpoint's ``hyper_parameters['architecture']`` or the
     shapes (registered sizes). A strict load skips the random init (every tensor is overwritten)."""
-    sd, cfg, report, fmt = read_weights(
-        source, source_format, cfg, resize_positions=resize_positions, model_key=model_key
+    ckpt = (
+        source
+        if isinstance(source, Checkpoint)
+        else Checkpoint.open(source, ckpt_format, model_key=model_key)
     )
+    sd, cfg, report, fmt = ckpt.read_weights(cfg, resize_positions=resize_positions)
     allow = allowed_missing(fmt, cfg, allow_missing)
     model = build_model(cfg, initialise=bool(allow))
     load_into(model, sd, strict=not allow, allow_missing=allow, report=report)
     return model, report
-
-
-def allowed_missing(fmt: str, cfg: OneRefConfig, allow_missing: Iterable[str] | None) -> tuple[str, ...]:
-    allow = tuple(DEFAULT_ALLOW_MISSING.get(fmt, ()) if allow_missing is None else allow_missing)
-    # Only groups the model builds can be missing; a default that does not apply is no reason to go non-strict.
-    return tuple(g for g in allow if g == "heads" or g in built_groups(cfg))

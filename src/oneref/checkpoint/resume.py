@@ -19,7 +19,8 @@ from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from oneref.checkpoint.io import CheckpointError, load_checkpoint_file
+from oneref.checkpoint.descriptor import Checkpoint
+from oneref.checkpoint.io import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def checkpoint_step(path: str | Path) -> tuple[int, int]:
     """(global_step, epoch) stored in one of our Lightning checkpoints; raises CheckpointError
     naming a file that does not load (truncated, corrupt, not a checkpoint)."""
-    obj = load_checkpoint_file(path, mmap=True)
-    if not isinstance(obj, dict) or "global_step" not in obj:
+    ckpt = Checkpoint.open(path, "lightning")
+    if ckpt.training.get("global_step") is None:
         raise CheckpointError(f"{path} is not a Lightning checkpoint of a training run (no global_step)")
-    return int(obj["global_step"]), int(obj.get("epoch", 0))
+    return int(ckpt.training["global_step"]), int(ckpt.training.get("epoch") or 0)
 
 
 def newest_intact_checkpoint(*folders: str | Path) -> Path | None:
@@ -92,5 +93,5 @@ def resume_mismatch(
 ) -> list[str]:
     """The hyperparameter groups in which the checkpoint at ``path`` differs from ``hparams`` (a
     resumed run must be the same run: another stage written into the same folder is not)."""
-    saved = load_checkpoint_file(path, mmap=True).get("hyper_parameters") or {}
+    saved = Checkpoint.open(path, "lightning").hyper_parameters
     return [k for k in keys if k in hparams and saved.get(k) != dict(hparams[k])]

@@ -92,6 +92,11 @@ class RefDataModule(L.LightningDataModule):
             self._tokenizer = Tokenizer(path, self.config.max_query_len)
         return self._tokenizer
 
+    def use_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Tokenise with ``tokenizer`` instead of ``config.tokenizer`` (the one a checkpoint carries:
+        oneref.factory.follow_checkpoint_tokenizer)."""
+        self._tokenizer = tokenizer
+
     def _make(self, split: str, train: bool) -> RefDataset:
         anchors = self.anchors(split) if carries_mrefm(self.config, split, train) else None
         return RefDataset(self.config, split, train=train, tokenizer=self.tokenizer, anchors=anchors)

@@ -44,7 +44,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -419,3 +419,40 @@ def _warn_if_truncated_allowed() -> None:
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process (set by other code): truncated "
             "image files will load with missing pixels instead of raising an error"
         )
+
+
+@dataclass(frozen=True)
+class PhotoOptions:
+    """How photos are read: the keyword arguments of :func:`load_photo`, held in one value (the
+    Predictor, ``oneref.load`` and the ``photo:`` group of conf/predict.yaml pass this)."""
+
+    exif_orientation: bool = True
+    background: tuple[int, int, int] | str | None = DEFAULT_BACKGROUND
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    hard_max_pixels: int | None = DEFAULT_HARD_MAX_PIXELS
+
+    @classmethod
+    def from_any(cls, value: PhotoOptions | dict | None) -> PhotoOptions:
+        """``value`` as options: None (the defaults), a mapping of the fields (a list background,
+        as YAML gives it, becomes a tuple), or options; checked at once (a bad value raises)."""
+        if isinstance(value, cls):
+            options = value
+        elif value is None:
+            options = cls()
+        elif isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown photo options {unknown}; valid: {sorted(known)}")
+            given = dict(value)
+            if isinstance(given.get("background"), list):
+                given["background"] = tuple(given["background"])
+            options = cls(**given)
+        else:
+            raise TypeError(f"photo options must be a PhotoOptions or a dict, got {type(value).__name__}")
+        options.load(np.zeros((1, 1, 3), np.uint8))  # the settings, checked now
+        return options
+
+    def load(self, source: ImageSource, *, name: str | None = None) -> Photo:
+        """``source`` read with these options (:func:`load_photo`)."""
+        return load_photo(source, name=name, **asdict(self))

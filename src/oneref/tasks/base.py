@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def embed_tokenizer(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
     """Put the training tokenizer into a checkpoint (a sentencepiece model is ~1 MB), so that
-    evaluating or predicting from the file needs nothing else (oneref.factory.resolve_tokenizer)."""
+    evaluating, fine-tuning or predicting from the file uses it (oneref.checkpoint.Checkpoint)."""
     tokenizer = getattr(getattr(module._trainer, "datamodule", None), "tokenizer", None)
     if tokenizer is not None:
         checkpoint["tokenizer"] = {
