@@ -205,10 +205,11 @@ def run_data_bench(args: argparse.Namespace) -> Rows:
     from torch.utils.data import DataLoader
 
     from oneref.data.anchors import RuleAnchorParser
-    from oneref.data.datamodule import _init_worker
-    from oneref.data.datasets import RefCollate, RefDataset, configure_worker_process
+    from oneref.data.config import DataConfig
+    from oneref.data.datasets import RefCollate, RefDataset
     from oneref.data.mrefm import MRefMConfig
     from oneref.data.tokenizer import Tokenizer, train_sentencepiece
+    from oneref.data.workers import configure_worker_process, init_worker
 
     configure_worker_process()  # what RefDataModule's DataLoader workers run first
     w, h = (int(v) for v in args.image_size.lower().split("x"))
@@ -220,6 +221,13 @@ def run_data_bench(args: argparse.Namespace) -> Rows:
         # MRefM fields on top of the REC training pipeline (7 scales, so only the extra work differs)
         mrefm = MRefMConfig(enabled=True, mim_scales=False)
         anchors = dict(zip(phrases, RuleAnchorParser().parse(phrases)))
+        common = dict(
+            dataset="refcoco",
+            data_root=root,
+            split_root=root / "splits",
+            img_size=args.img_size,
+            seed=args.seed,
+        )
         configs = [
             ("train", False, {}),
             ("train+mrefm", False, {}),
@@ -229,18 +237,12 @@ def run_data_bench(args: argparse.Namespace) -> Rows:
         ]
         for mode, seg, aug in configs:
             with_mrefm = mode.endswith("+mrefm")
+            config = DataConfig(**common, augment=aug, seg_masks=seg, mrefm=mrefm if with_mrefm else None)
             ds = RefDataset(
-                "unc",
+                config,
                 "train",
-                root,
-                root / "splits",
-                img_size=args.img_size,
                 train=mode.startswith("train"),
-                augment=aug,
-                seg_masks=seg,
                 tokenizer=tok,
-                seed=args.seed,
-                mrefm=mrefm if with_mrefm else None,
                 anchors=anchors if with_mrefm else None,
             )
             collate = RefCollate(64, mrefm=mrefm)
@@ -282,16 +284,7 @@ def run_data_bench(args: argparse.Namespace) -> Rows:
             log.info("%s", rows[-1])
         rows.append(_fresh_memory_row(args.img_size, args.batch_size))
         log.info("%s", rows[-1])
-        ds = RefDataset(
-            "unc",
-            "train",
-            root,
-            root / "splits",
-            img_size=args.img_size,
-            train=True,
-            tokenizer=tok,
-            seed=args.seed,
-        )
+        ds = RefDataset(DataConfig(**common), "train", train=True, tokenizer=tok)
         for nw in args.loader_workers:
             dl = DataLoader(
                 ds,
@@ -301,7 +294,7 @@ def run_data_bench(args: argparse.Namespace) -> Rows:
                 collate_fn=RefCollate(64),
                 persistent_workers=nw > 0,
                 drop_last=True,
-                worker_init_fn=_init_worker if nw else None,
+                worker_init_fn=init_worker if nw else None,
             )
             it = iter(dl)
             next(it)  # worker start-up excluded
