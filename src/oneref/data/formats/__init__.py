@@ -1,0 +1,159 @@
+"""Annotation formats: one reader per file format, each mapping to the pipeline's `RefRecord`.
+
+`data.format` picks one (`FORMATS`); `auto` takes the first whose files exist under
+`data.split_root`, in the order of `READERS`, and logs it. `records.load_records` is the one caller
+(`read_records`). docs/data.md, "Formats", lists where each comes from and its exact schema.
+
+Parsed entries are cached by content: `<cache_dir>/records/<format>-<dataset>-<split>-<hash>.pkl`
+(hash of the annotation files' bytes; plain containers, read back with the same safe unpickler),
+and kept in memory for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import time
+from pathlib import Path
+from types import ModuleType
+
+from oneref.atomic import atomic_write_bytes
+from oneref.data.formats import hf, mdetr, oneref, refer, seqtr
+from oneref.data.formats.common import Entry, FormatError, SafeUnpickler, to_record
+from oneref.data.records import RecordError, RefRecord
+
+log = logging.getLogger(__name__)
+
+READERS: dict[str, ModuleType] = {"oneref": oneref, "refer": refer, "hf": hf, "seqtr": seqtr, "mdetr": mdetr}
+FORMATS = ("auto", *READERS)
+_MEMO: dict[str, tuple[list, list]] = {}
+_LOGGED: set[tuple] = set()
+
+
+def _present(name: str, split_root: Path, dataset: str) -> bool:
+    try:
+        return READERS[name].present(split_root, dataset)
+    except FormatError:
+        return False
+
+
+def detect(split_root: str | Path, dataset: str) -> str | None:
+    """The first format whose files for `dataset` exist under `split_root`, or None."""
+    return next((n for n in READERS if _present(n, Path(split_root), dataset)), None)
+
+
+def resolve(fmt: str, split_root: str | Path, dataset: str) -> str:
+    """`fmt` checked; `auto` detected (and logged once); `oneref` when nothing is found, whose
+    missing-file error lists the paths tried."""
+    if fmt not in FORMATS:
+        raise FormatError(f"data.format must be one of {list(FORMATS)}, got {fmt!r}")
+    if fmt != "auto":
+        return fmt
+    found = detect(split_root, dataset) or "oneref"
+    if (str(split_root), dataset) not in _LOGGED:
+        _LOGGED.add((str(split_root), dataset))
+        log.info(
+            "%s annotations under %s: read with the %s reader (data.format=auto)", dataset, split_root, found
+        )
+    return found
+
+
+def available_splits(fmt: str, split_root: str | Path, dataset: str) -> list[str]:
+    return READERS[fmt].splits(Path(split_root), dataset)
+
+
+def _cache_path(reader: ModuleType, split_root: Path, dataset: str, split: str, cache_dir: Path) -> Path:
+    from oneref.data.anchors import file_sha256  # content hash memoised per path, size and mtime
+
+    h = hashlib.sha256()
+    for f in reader.files(split_root, dataset):
+        h.update(f.name.encode() + file_sha256(f).encode())
+    return cache_dir / "records" / f"{reader.NAME}-{dataset}-{split}-{h.hexdigest()[:16]}.pkl"
+
+
+def _read_entries(
+    reader: ModuleType, split_root: Path, dataset: str, split: str, cache_dir: Path
+) -> tuple[list, list]:
+    """(entries as tuples, error messages) of one split, from the cache when it has them."""
+    if not reader.CACHE:
+        return _collect(reader.read(split_root, dataset, split, cache_dir))
+    path = _cache_path(reader, split_root, dataset, split, cache_dir)
+    key = str(path)
+    if key in _MEMO:
+        return _MEMO[key]
+    if path.is_file():
+        try:
+            _MEMO[key] = SafeUnpickler(io.BytesIO(path.read_bytes())).load()
+            return _MEMO[key]
+        except Exception as e:  # a damaged cache is parsed again
+            log.warning("ignoring unreadable records cache %s (%s)", path, e)
+    t0 = time.perf_counter()
+    _MEMO[key] = _collect(reader.read(split_root, dataset, split))
+    atomic_write_bytes(path, pickle.dumps(_MEMO[key], protocol=pickle.HIGHEST_PROTOCOL))
+    log.info(
+        "%s %s/%s: parsed %d sentences in %.1f s; cached in %s",
+        reader.NAME,
+        dataset,
+        split,
+        len(_MEMO[key][0]),
+        time.perf_counter() - t0,
+        path,
+    )
+    return _MEMO[key]
+
+
+def _collect(items) -> tuple[list, list]:
+    entries, errors = [], []
+    for it in items:
+        if isinstance(it, Entry):
+            entries.append(tuple(it))
+        else:
+            errors.append(str(it))
+    return entries, errors
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ONEREF_CACHE", ".cache")).expanduser()
+
+
+def read_records(
+    fmt: str,
+    split_root: str | Path,
+    dataset: str,
+    split: str,
+    bad_samples: str = "raise",
+    cache_dir: str | Path | None = None,
+) -> tuple[list[RefRecord], list[str]]:
+    """Records of one split in format `fmt` (not `oneref`: records.load_records reads those).
+    `trainval` is train + val where the source has no split of that name. Bad records raise a
+    RecordError naming file and record, or with `bad_samples="skip"` are listed in `problems`."""
+    reader = READERS[fmt]
+    root = Path(split_root)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    have = reader.splits(root, dataset)
+    parts = ["train", "val"] if split == "trainval" and "trainval" not in have else [split]
+    for p in parts:
+        if p not in have and not (fmt == "hf" and p == "train"):
+            raise FormatError(f"{dataset} in the {fmt} format under {root} has no split {p!r}; it has {have}")
+    records: list[RefRecord] = []
+    problems: list[str] = []
+    for p in parts:
+        entries, errors = _read_entries(reader, root, dataset, p, cache)
+        if errors and bad_samples == "raise":
+            raise RecordError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+        problems += errors
+        for e in entries:
+            try:
+                records.append(to_record(Entry(*e)))
+            except RecordError as err:
+                if bad_samples == "raise":
+                    raise
+                problems.append(str(err))
+    if problems:
+        log.warning(
+            "%s/%s (%s): skipped %d bad records, e.g. %s", dataset, split, fmt, len(problems), problems[0]
+        )
+    return records, problems
