@@ -33,7 +33,7 @@ _MEMO: dict[str, tuple[list, list]] = {}
 _LOGGED: set[tuple] = set()
 
 
-def _present(name: str, split_root: Path, dataset: str) -> bool:
+def present(name: str, split_root: Path, dataset: str) -> bool:
     try:
         return READERS[name].present(split_root, dataset)
     except FormatError:
@@ -42,7 +42,7 @@ def _present(name: str, split_root: Path, dataset: str) -> bool:
 
 def detect(split_root: str | Path, dataset: str) -> str | None:
     """The first format whose files for `dataset` exist under `split_root`, or None."""
-    return next((n for n in READERS if _present(n, Path(split_root), dataset)), None)
+    return next((n for n in READERS if present(n, Path(split_root), dataset)), None)
 
 
 def resolve(fmt: str, split_root: str | Path, dataset: str) -> str:
