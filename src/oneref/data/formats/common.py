@@ -98,12 +98,16 @@ def unsupported(fmt: str, dataset: str, table: dict) -> FormatError:
     )
 
 
+class CodeRefused(pickle.UnpicklingError):
+    """A pickle names a class or function."""
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Plain containers, strings, bytes and numbers only: a pickle that names any class or function
     (the way a pickle runs code) is refused by that name, before anything is built or called."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refers to {module}.{name}")
+        raise CodeRefused(f"refers to {module}.{name}")
 
 
 def safe_load_pickle(path: Path) -> Any:
@@ -114,7 +118,7 @@ def safe_load_pickle(path: Path) -> Any:
             return SafeUnpickler(io.BytesIO(data), encoding=encoding).load()
         except UnicodeDecodeError:
             continue
-        except pickle.UnpicklingError as e:
+        except CodeRefused as e:
             raise FormatError(
                 f"{path}: refused: the pickle {e}, i.e. it carries code, not plain annotations; "
                 "nothing was executed. Use the original file of the annotation release."
