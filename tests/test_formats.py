@@ -236,9 +236,10 @@ def test_parquet_without_the_expected_columns_names_its_columns(tmp_path: Path) 
 def test_unknown_format_and_cache_is_reused(roots: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UserError, match="data.format must be one of"):
         load_records(roots["refer"], A.DATASET, "train", format="coco")
+    formats.forget()
     load_records(roots["refer"], A.DATASET, "val", format="refer", cache_dir=tmp_path)
     (cached,) = list((tmp_path / "records").glob("refer-*-val-*.pkl"))
-    formats._MEMO.clear()
+    formats.forget()
     assert load_records(roots["refer"], A.DATASET, "val", format="refer", cache_dir=tmp_path)[
         0
     ] == A.expected_records("val")

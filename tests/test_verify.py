@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.helpers import annotations as A
 
 from oneref.data.verify import main as verify_main
 from oneref.data.verify import verify
-from tests.helpers import annotations as A
 
 pytest.importorskip("pyarrow", reason="the Hugging Face reader needs pyarrow (pip install 'oneref[formats]')")
 
@@ -40,11 +40,24 @@ def test_problems_are_counted_and_the_exit_status_is_1(roots: dict[str, Path], t
     (tmp_path / "refcoco-unc" / "instances.json").write_text(json.dumps(data))
     out = tmp_path / "report.json"
     rc = verify_main(
-        ["--data-root", str(roots["data"]), "--split-root", str(tmp_path), "--format", "seqtr", "--json", str(out)]
+        [
+            "--data-root",
+            str(roots["data"]),
+            "--split-root",
+            str(tmp_path),
+            "--format",
+            "seqtr",
+            "--json",
+            str(out),
+        ]
     )
     assert rc == 1
     rows = {r["split"]: r for r in json.loads(out.read_text())["splits"]}
-    assert (rows["train"]["records"], rows["train"]["degenerate_box"], rows["train"]["empty_phrase"]) == (3, 2, 1)
+    assert (rows["train"]["records"], rows["train"]["degenerate_box"], rows["train"]["empty_phrase"]) == (
+        3,
+        2,
+        1,
+    )
     assert rows["val"]["missing_image"] == 1
     assert "has no area" in rows["train"]["examples"]["degenerate_box"][0]
 

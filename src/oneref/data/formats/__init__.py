@@ -4,7 +4,7 @@
 `data.split_root`, in the order of `READERS`, and logs it. `records.load_records` is the one caller
 (`read_records`). docs/data.md, "Formats", lists where each comes from and its exact schema.
 
-Parsed entries are cached by content: `<cache_dir>/records/<format>-<dataset>-<split>-<hash>.pkl`
+Parsed entries are cached by content: `<cache_dir>/records/<format>-<dataset>-<split>-<hash>-v<version>.pkl`
 (hash of the annotation files' bytes; plain containers, read back with the same safe unpickler),
 and kept in memory for the rest of the process.
 """
@@ -22,15 +22,25 @@ from types import ModuleType
 
 from oneref.atomic import atomic_write_bytes
 from oneref.data.formats import hf, mdetr, oneref, refer, seqtr
-from oneref.data.formats.common import Entry, FormatError, SafeUnpickler, to_record
+from oneref.data.formats.common import Entry, FormatError, SafeUnpickler, to_records
 from oneref.data.records import RecordError, RefRecord
 
 log = logging.getLogger(__name__)
 
 READERS: dict[str, ModuleType] = {"oneref": oneref, "refer": refer, "hf": hf, "seqtr": seqtr, "mdetr": mdetr}
 FORMATS = ("auto", *READERS)
-_MEMO: dict[str, tuple[list, list]] = {}
+CACHE_VERSION = 2  # of the cached entry layout (common.Entry); a new layout parses again
+_MEMO: dict[str, tuple[list, list]] = {}  # parsed entries per cache file
+_RECORDS: dict[tuple, tuple[list, list]] = {}  # records per split read
 _LOGGED: set[tuple] = set()
+
+
+def forget() -> None:
+    """Drop what this process holds in memory (parsed files, entries, records); the disk cache stays."""
+    _MEMO.clear()
+    _RECORDS.clear()
+    refer._LOADED.clear()
+    seqtr._LOADED.clear()
 
 
 def present(name: str, split_root: Path, dataset: str) -> bool:
@@ -71,7 +81,9 @@ def _cache_path(reader: ModuleType, split_root: Path, dataset: str, split: str, 
     h = hashlib.sha256()
     for f in reader.files(split_root, dataset):
         h.update(f.name.encode() + file_sha256(f).encode())
-    return cache_dir / "records" / f"{reader.NAME}-{dataset}-{split}-{h.hexdigest()[:16]}.pkl"
+    return (
+        cache_dir / "records" / f"{reader.NAME}-{dataset}-{split}-{h.hexdigest()[:16]}-v{CACHE_VERSION}.pkl"
+    )
 
 
 def _read_entries(
@@ -80,6 +92,8 @@ def _read_entries(
     """(entries as tuples, error messages) of one split, from the cache when it has them."""
     if not reader.CACHE:
         return _collect(reader.read(split_root, dataset, split, cache_dir))
+    if not all(f.is_file() for f in reader.files(split_root, dataset)):
+        return _collect(reader.read(split_root, dataset, split))  # its error names what is missing
     path = _cache_path(reader, split_root, dataset, split, cache_dir)
     key = str(path)
     if key in _MEMO:
@@ -128,32 +142,38 @@ def read_records(
     cache_dir: str | Path | None = None,
 ) -> tuple[list[RefRecord], list[str]]:
     """Records of one split in format `fmt` (not `oneref`: records.load_records reads those).
-    `trainval` is train + val where the source has no split of that name. Bad records raise a
+    `trainval` is train + val. Bad records raise a
     RecordError naming file and record, or with `bad_samples="skip"` are listed in `problems`."""
     reader = READERS[fmt]
     root = Path(split_root)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    have = reader.splits(root, dataset)
-    parts = ["train", "val"] if split == "trainval" and "trainval" not in have else [split]
-    for p in parts:
-        if p not in have and not (fmt == "hf" and p == "train"):
-            raise FormatError(f"{dataset} in the {fmt} format under {root} has no split {p!r}; it has {have}")
+    parts = ["train", "val"] if split == "trainval" else [split]
+    key = (fmt, str(root.resolve()), dataset, split, bad_samples)
+    if key in _RECORDS:  # once per process
+        return _RECORDS[key]
     records: list[RefRecord] = []
     problems: list[str] = []
     for p in parts:
         entries, errors = _read_entries(reader, root, dataset, p, cache)
+        if not entries and not errors:  # an empty or a missing split: say which splits there are
+            have = reader.splits(root, dataset)
+            if p not in have:
+                raise FormatError(
+                    f"{dataset} in the {fmt} format under {root} has no split {p!r}; it has {have}"
+                )
         if errors and bad_samples == "raise":
             raise RecordError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
         problems += errors
         for e in entries:
-            try:
-                records.append(to_record(Entry(*e)))
-            except RecordError as err:
-                if bad_samples == "raise":
-                    raise
-                problems.append(str(err))
+            recs, bad = to_records(Entry(*e))
+            if bad and bad_samples == "raise":
+                raise bad[0]
+            records += recs
+            problems += [str(b) for b in bad]
     if problems:
         log.warning(
             "%s/%s (%s): skipped %d bad records, e.g. %s", dataset, split, fmt, len(problems), problems[0]
         )
+    if reader.CACHE:
+        _RECORDS[key] = (records, problems)
     return records, problems

@@ -8,7 +8,6 @@ int truncation), so a box reads the same whichever format it came from.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import pickle
@@ -32,38 +31,55 @@ class FormatError(UserError):
 
 
 class Entry(NamedTuple):
-    """One sentence of one referred object, as a reader found it."""
+    """One referred object and its sentences, as a reader found it."""
 
     where: str  # file and record, for messages
     image_file: str  # file name under the image folder of `source` (or an absolute path)
     source: str  # key of records.IMAGE_DIRS
     xywh: tuple[float, float, float, float]  # COCO x, y, w, h in pixels
-    phrase: str
+    phrases: tuple[tuple[str, str], ...]  # (label for messages, e.g. "sent_id 7", sentence)
     size: tuple[int, int] | None  # (h, w)
     segmentation: Any  # COCO polygons or RLE, or None
 
 
-def to_record(entry: Entry) -> RefRecord:
-    """The record of an entry; RecordError (a UserError) names the file and record when the box is
-    not 4 numbers, has no area or lies outside its image, or the sentence has no word."""
-    where = entry.where
+def _box_problem(entry: Entry) -> str | None:
     try:
         x, y, w, h = (float(v) for v in entry.xywh)
-    except (TypeError, ValueError) as e:
-        raise RecordError(f"{where}: box {entry.xywh!r} is not 4 numbers") from e
+    except (TypeError, ValueError):
+        return f"box {entry.xywh!r} is not 4 numbers"
     if not w > 0 or not h > 0:
-        raise RecordError(f"{where}: box x,y,w,h={list(entry.xywh)} has no area")
+        return f"box x,y,w,h={list(entry.xywh)} has no area"
     if entry.size is not None:
         ih, iw = entry.size
         t = BOX_TOLERANCE
         if x < -t or y < -t or x + w > iw + t or y + h > ih + t:
-            raise RecordError(f"{where}: box x,y,w,h={list(entry.xywh)} lies outside its {iw}x{ih} image")
-    if not isinstance(entry.phrase, str) or not _WORD.search(entry.phrase):
-        raise RecordError(f"{where}: sentence {entry.phrase!r} is empty after tokenisation")
+            return f"box x,y,w,h={list(entry.xywh)} lies outside its {iw}x{ih} image"
+    return None
+
+
+def to_records(entry: Entry) -> tuple[list[RefRecord], list[RecordError]]:
+    """One record per sentence, and a RecordError (a UserError) naming file, record and sentence
+    for each sentence that cannot be used: the box is not 4 numbers, has no area or lies outside
+    its image, or the sentence has no word."""
+    problem = _box_problem(entry)
+    if problem:
+        return [], [RecordError(f"{entry.where} {label}: {problem}") for label, _ in entry.phrases]
     size = None if entry.size is None else {"height": entry.size[0], "width": entry.size[1]}
-    raw = (entry.image_file, size, [x, y, w, h], entry.phrase, entry.segmentation)
-    rec = parse_record(_records.COCO_DATASETS[0], raw, where)
-    return rec if rec.source == entry.source else dataclasses.replace(rec, source=entry.source)
+    raw = (entry.image_file, size, [float(v) for v in entry.xywh], "", entry.segmentation)
+    t = parse_record(_records.COCO_DATASETS[0], raw, entry.where)  # the official box rule, once per object
+    out, errors = [], []
+    for label, phrase in entry.phrases:
+        if not isinstance(phrase, str) or not _WORD.search(phrase):
+            errors.append(
+                RecordError(f"{entry.where} {label}: sentence {phrase!r} is empty after tokenisation")
+            )
+        else:  # lowercased, as parse_record does
+            out.append(
+                RefRecord(
+                    t.image_file, entry.source, t.box, t.box_xywh, phrase.lower(), t.size, t.segmentation
+                )
+            )
+    return out, errors
 
 
 def coco_file_name(image_id: int) -> str:

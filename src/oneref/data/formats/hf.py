@@ -151,16 +151,10 @@ def _read_jxu(path: Path, split: str) -> Iterator[Entry | RecordError]:
                 continue
         size = (int(info["height"]), int(info["width"])) if "height" in info and "width" in info else None
         seg = ann.get("segmentation") or None
-        for s in row["sentences"] or [{}]:
-            yield Entry(
-                f"{where} sent_id {s.get('sent_id')}",
-                row["file_name"],
-                "coco",
-                xywh,
-                s.get("sent", s.get("raw", "")),
-                size,
-                seg,
-            )
+        phrases = tuple(
+            (f"sent_id {s.get('sent_id')}", s.get("sent", s.get("raw", ""))) for s in row["sentences"] or [{}]
+        )
+        yield Entry(where, row["file_name"], "coco", xywh, phrases, size, seg)
 
 
 def _image_dir(cache_dir: Path | None) -> Path:
@@ -196,5 +190,5 @@ def _read_lmms(path: Path, image_dir: Path) -> Iterator[Entry | RecordError]:
                 yield RecordError(f"{where}: embedded image {name}: {e}")
                 continue
             seg = polygon_or_rle(row["segmentation"]) or None
-            for phrase in row["answer"] or [""]:
-                yield Entry(where, str(target), "coco", tuple(row["bbox"] or ()), phrase, (h, w), seg)
+            phrases = tuple((f"answer {j}", a) for j, a in enumerate(row["answer"] or [""]))
+            yield Entry(where, str(target), "coco", tuple(row["bbox"] or ()), phrases, (h, w), seg)

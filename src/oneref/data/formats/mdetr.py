@@ -90,7 +90,7 @@ def read(split_root: Path, dataset: str, split: str) -> Iterator[Entry | RecordE
             str(img.get("file_name", "")),
             "coco",
             tuple(ann.get("bbox") or ()),
-            img.get("caption", ""),
+            (("caption", img.get("caption", "")),),
             size,
             ann.get("segmentation") or None,
         )

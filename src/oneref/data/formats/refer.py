@@ -115,10 +115,13 @@ def read(split_root: Path, dataset: str, split: str) -> Iterator[Entry | RecordE
         file = Path(file).name if source == "referit" else file
         size = (int(img["height"]), int(img["width"])) if "height" in img and "width" in img else None
         seg = ann.get("segmentation") or None
-        for s in ref.get("sentences") or [{}]:
-            phrase = s.get("sent", s.get("raw", "")) if isinstance(s, dict) else ""
-            w = f"{where} sent_id {s.get('sent_id') if isinstance(s, dict) else None}"
-            yield Entry(w, file, source, tuple(ann.get("bbox") or ()), phrase, size, seg)
+        phrases = tuple(
+            (f"sent_id {s.get('sent_id')}", s.get("sent", s.get("raw", "")))
+            if isinstance(s, dict)
+            else ("sentence", "")
+            for s in ref.get("sentences") or [{}]
+        )
+        yield Entry(where, file, source, tuple(ann.get("bbox") or ()), phrases, size, seg)
 
 
 def write(dst_root: Path, dataset: str, by_split: dict[str, list[RefRecord]]) -> list[Path]:

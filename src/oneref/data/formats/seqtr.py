@@ -91,16 +91,9 @@ def read(split_root: Path, dataset: str, split: str) -> Iterator[Entry | RecordE
         size = (int(item["height"]), int(item["width"])) if "height" in item and "width" in item else None
         seg = item.get("mask") or None
         exprs = item.get("expressions") or [""]
-        for j, phrase in enumerate(exprs):
-            yield Entry(
-                f"{where} expression {j}",
-                file,
-                "referit" if referit else "coco",
-                tuple(item["bbox"]),
-                phrase,
-                size,
-                seg,
-            )
+        phrases = tuple((f"expression {j}", e) for j, e in enumerate(exprs))
+        source = "referit" if referit else "coco"
+        yield Entry(where, file, source, tuple(item["bbox"]), phrases, size, seg)
 
 
 def write(dst_root: Path, dataset: str, by_split: dict[str, list[RefRecord]]) -> list[Path]:
