@@ -24,7 +24,9 @@ from oneref.data.records import RecordError, load_records
 from oneref.data.tokenizer import train_sentencepiece
 from oneref.errors import UserError
 
-pytest.importorskip("pyarrow", reason="the Hugging Face reader needs pyarrow (pip install 'oneref[formats]')")
+needs_pyarrow = pytest.mark.skipif(
+    not A.HAVE_PYARROW, reason="the Hugging Face reader needs pyarrow (pip install 'oneref[formats]')"
+)
 
 FORMATS = tuple(A.WRITERS)
 
@@ -62,6 +64,7 @@ def test_trainval_is_train_plus_val(roots: dict[str, Path]) -> None:
         assert recs == A.expected_records("train") + A.expected_records("val")
 
 
+@needs_pyarrow
 def test_lmms_lab_evaluation_splits_with_embedded_images(roots: dict[str, Path], tmp_path: Path) -> None:
     for split in ("val", "testA", "testB"):
         recs, _ = load_records(roots["lmms"], A.DATASET, split, cache_dir=tmp_path)
@@ -219,6 +222,7 @@ def test_ann_id_missing_from_instances(roots: dict[str, Path], tmp_path: Path) -
     assert len(recs) == 2 and len(problems) == 1
 
 
+@needs_pyarrow
 def test_parquet_without_the_expected_columns_names_its_columns(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
