@@ -20,7 +20,7 @@ from oneref.data.datamodule import RefDataModule
 from oneref.data.datasets import RefCollate, RefDataset
 from oneref.data.formats.common import FormatError
 from oneref.data.leakage import LeakageError, check_leakage
-from oneref.data.records import RecordError, load_records
+from oneref.data.records import RecordError, RefRecord, load_records
 from oneref.data.tokenizer import train_sentencepiece
 from oneref.errors import UserError
 
@@ -154,16 +154,56 @@ def test_datamodule_reports_leakage_once_at_setup(
 
 # --- bad input ---------------------------------------------------------------------------------------
 class _Code:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_a_pickle_carrying_code_is_refused_by_name(roots: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "refcoco").mkdir()
-    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([_Code()], protocol=2))
+    marker = tmp_path / "ran"
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([_Code(marker)], protocol=2))
     (tmp_path / "refcoco" / "instances.json").write_text("{}")
     with pytest.raises(FormatError, match=r"refs\(unc\).p: refused: the pickle refers to (posix|os)\.system"):
         load_records(tmp_path, A.DATASET, "train", format="refer", cache_dir=tmp_path)
+    assert not marker.exists()  # nothing ran
+
+
+def test_referit_comes_from_refclef_and_seqtr(tmp_path: Path) -> None:
+    """ReferItGame: REFER's refclef (berkeley split) and SeqTR's referitgame-berkeley, SAIAPR file
+    names read by base name from the ReferIt image folder; x, y, w, h as everywhere."""
+    refs = [
+        {
+            "ref_id": 7,
+            "ann_id": 70,
+            "image_id": 25,
+            "split": "test",
+            "sentences": [{"raw": "Sky", "sent": "sky", "tokens": ["sky"], "sent_id": 0}],
+        }
+    ]
+    inst = {
+        "images": [{"id": 25, "file_name": "25/images/25.jpg", "height": 360, "width": 480}],
+        "annotations": [{"id": 70, "image_id": 25, "bbox": [0.5, 1.5, 479.0, 120.25], "segmentation": []}],
+    }
+    (tmp_path / "refclef").mkdir()
+    (tmp_path / "refclef" / "refs(berkeley).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (tmp_path / "refclef" / "instances.json").write_text(json.dumps(inst))
+    item = {
+        "image_id": 25,
+        "bbox": [0.5, 1.5, 479.0, 120.25],
+        "expressions": ["sky"],
+        "height": 360,
+        "width": 480,
+    }
+    (tmp_path / "s" / "referitgame-berkeley").mkdir(parents=True)
+    (tmp_path / "s" / "referitgame-berkeley" / "instances.json").write_text(json.dumps({"test": [item]}))
+    want = [
+        RefRecord("25.jpg", "referit", (0, 1, 479, 121), (0.5, 1.5, 479.0, 120.25), "sky", (360, 480), None)
+    ]
+    assert load_records(tmp_path, "referit", "test", cache_dir=tmp_path / "c")[0] == want
+    assert load_records(tmp_path / "s", "referit", "test", cache_dir=tmp_path / "c")[0] == want
 
 
 def test_refs_without_instances(roots: dict[str, Path], tmp_path: Path) -> None:
