@@ -288,3 +288,18 @@ def test_unknown_format_and_cache_is_reused(roots: dict[str, Path], tmp_path: Pa
         0
     ] == A.expected_records("val")
     assert list((tmp_path / "records").glob("refer-*-val-*.pkl")) == [cached]
+
+
+def test_mrefm_asks_for_oneref_split_files(roots: dict[str, Path]) -> None:
+    dm = RefDataModule(
+        dataset=A.DATASET,
+        data_root=roots["data"],
+        split_root=roots["refer"],
+        tokenizer=roots["tok"],
+        num_workers=0,
+        mrefm={"enabled": True, "spacy_model": None},
+    )
+    with pytest.raises(
+        UserError, match=r"holds refer annotations; convert them first: python -m oneref.data.convert"
+    ):
+        dm.prepare_data()
