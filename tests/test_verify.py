@@ -12,7 +12,6 @@ from tests.helpers import annotations as A
 from oneref.data.verify import main as verify_main
 from oneref.data.verify import verify
 
-
 COUNTS = {s: len(A.expected_records(s)) for s in A.SPLITS}
 
 

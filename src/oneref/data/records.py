@@ -329,7 +329,7 @@ def load_records(
                 + "\n"
                 + expected_layout(data_root, split_root)
                 + "\n  or another annotation format: REFER, Hugging Face parquet, SeqTR, MDETR "
-                "(data.format; docs/data.md, Formats)"
+                "(data.format; docs/data.md, Other annotation formats)"
             )
     records: list[RefRecord] = []
     problems: list[str] = []

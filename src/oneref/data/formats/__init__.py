@@ -2,7 +2,7 @@
 
 `data.format` picks one (`FORMATS`); `auto` takes the first whose files exist under
 `data.split_root`, in the order of `READERS`, and logs it. `records.load_records` is the one caller
-(`read_records`). docs/data.md, "Formats", lists where each comes from and its exact schema.
+(`read_records`). docs/data.md, "Other annotation formats", lists where each comes from and its exact schema.
 
 Parsed entries are cached by content: `<cache_dir>/records/<format>-<dataset>-<split>-<hash>-v<version>.pkl`
 (hash of the annotation files' bytes; plain containers, read back with the same safe unpickler),
@@ -148,7 +148,10 @@ def read_records(
     root = Path(split_root)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     parts = ["train", "val"] if split == "trainval" else [split]
-    key = (fmt, str(root.resolve()), dataset, split, bad_samples)
+    stamp = tuple(
+        (str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in reader.files(root, dataset) if f.is_file()
+    )
+    key = (fmt, str(root.resolve()), dataset, split, bad_samples, stamp)
     if key in _RECORDS:  # once per process
         return _RECORDS[key]
     records: list[RefRecord] = []

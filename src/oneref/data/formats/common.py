@@ -110,7 +110,7 @@ def user_name(dataset: str) -> str:
 
 def unsupported(fmt: str, dataset: str, table: dict) -> FormatError:
     return FormatError(
-        f"the {fmt} format has no dataset {dataset!r}; it holds {sorted(table)} (docs/data.md, Formats)"
+        f"the {fmt} format has no dataset {dataset!r}; it holds {sorted(table)} (docs/data.md, Other annotation formats)"
     )
 
 
