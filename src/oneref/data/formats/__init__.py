@@ -4,7 +4,7 @@
 `data.split_root`, in the order of `READERS`, and logs it. `records.load_records` is the one caller
 (`read_records`). docs/data.md, "Other annotation formats", lists where each comes from and its exact schema.
 
-Parsed entries are cached by content: `<cache_dir>/records/<format>-<dataset>-<split>-<hash>-v<version>.pkl`
+Parsed records (checked, as plain tuples) are cached by content: `<cache_dir>/records/<format>-<dataset>-<split>-<hash>-v<version>.pkl`
 (hash of the annotation files' bytes; plain containers, read back with the same safe unpickler),
 and kept in memory for the rest of the process.
 """
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 READERS: dict[str, ModuleType] = {"oneref": oneref, "refer": refer, "hf": hf, "seqtr": seqtr, "mdetr": mdetr}
 FORMATS = ("auto", *READERS)
-CACHE_VERSION = 2  # of the cached entry layout (common.Entry); a new layout parses again
-_MEMO: dict[str, tuple[list, list]] = {}  # parsed entries per cache file
+CACHE_VERSION = 3  # of the cached layout (RefRecord fields, checks); a new one parses again
+_MEMO: dict[str, tuple[list, list]] = {}  # parsed records per cache file
 _RECORDS: dict[tuple, tuple[list, list]] = {}  # records per split read
 _LOGGED: set[tuple] = set()
 
@@ -86,10 +86,10 @@ def _cache_path(reader: ModuleType, split_root: Path, dataset: str, split: str, 
     )
 
 
-def _read_entries(
+def _read_split(
     reader: ModuleType, split_root: Path, dataset: str, split: str, cache_dir: Path
 ) -> tuple[list, list]:
-    """(entries as tuples, error messages) of one split, from the cache when it has them."""
+    """(records as field tuples, error messages) of one split, from the cache when it has them."""
     if not reader.CACHE:
         return _collect(reader.read(split_root, dataset, split, cache_dir))
     if not all(f.is_file() for f in reader.files(split_root, dataset)):
@@ -108,7 +108,7 @@ def _read_entries(
     _MEMO[key] = _collect(reader.read(split_root, dataset, split))
     atomic_write_bytes(path, pickle.dumps(_MEMO[key], protocol=pickle.HIGHEST_PROTOCOL))
     log.info(
-        "%s %s/%s: parsed %d sentences in %.1f s; cached in %s",
+        "%s %s/%s: parsed %d records in %.1f s; cached in %s",
         reader.NAME,
         dataset,
         split,
@@ -120,13 +120,20 @@ def _read_entries(
 
 
 def _collect(items) -> tuple[list, list]:
-    entries, errors = [], []
+    """(records as field tuples, error messages) of what a reader yields, in order."""
+    recs, errors = [], []
     for it in items:
         if isinstance(it, Entry):
-            entries.append(tuple(it))
+            good, bad = to_records(it)
+            recs += [astuple(r) for r in good]
+            errors += [str(b) for b in bad]
         else:
             errors.append(str(it))
-    return entries, errors
+    return recs, errors
+
+
+def astuple(r: RefRecord) -> tuple:  # shallow, so that pickle keeps one copy of a shared mask
+    return (r.image_file, r.source, r.box, r.box_xywh, r.phrase, r.size, r.segmentation)
 
 
 def default_cache_dir() -> Path:
@@ -157,8 +164,8 @@ def read_records(
     records: list[RefRecord] = []
     problems: list[str] = []
     for p in parts:
-        entries, errors = _read_entries(reader, root, dataset, p, cache)
-        if not entries and not errors:  # an empty or a missing split: say which splits there are
+        recs, errors = _read_split(reader, root, dataset, p, cache)
+        if not recs and not errors:  # an empty or a missing split: say which splits there are
             have = reader.splits(root, dataset)
             if p not in have:
                 raise FormatError(
@@ -167,12 +174,7 @@ def read_records(
         if errors and bad_samples == "raise":
             raise RecordError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
         problems += errors
-        for e in entries:
-            recs, bad = to_records(Entry(*e))
-            if bad and bad_samples == "raise":
-                raise bad[0]
-            records += recs
-            problems += [str(b) for b in bad]
+        records += [RefRecord(*t) for t in recs]
     if problems:
         log.warning(
             "%s/%s (%s): skipped %d bad records, e.g. %s", dataset, split, fmt, len(problems), problems[0]
