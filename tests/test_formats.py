@@ -150,6 +150,8 @@ def test_datamodule_reports_leakage_once_at_setup(
     assert "val/val: 1 images also in train, e.g. COCO_train2014_000000000009.jpg" in caplog.text
     with pytest.raises(LeakageError):
         RefDataModule(**kw, leakage="raise").setup("fit")
+    with pytest.raises(UserError, match="data.format must be one of"):
+        RefDataModule(**kw, format="coco")
 
 
 # --- bad input ---------------------------------------------------------------------------------------

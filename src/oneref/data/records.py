@@ -311,7 +311,7 @@ def load_records(
 
     `format` is the annotation format (`oneref.data.formats.FORMATS`; `auto` detects it from the
     files under `split_root`); all but `oneref` are read by `oneref.data.formats.read_records`
-    (parsed entries cached under `cache_dir`, default $ONEREF_CACHE or .cache).
+    (parsed records cached under `cache_dir`, default $ONEREF_CACHE or .cache).
     Records that cannot be parsed raise (`bad_samples="raise"`) or are dropped and listed in
     `problems` (`"skip"`).
     """
