@@ -11,7 +11,8 @@ Which of the two a folder holds is told by its columns:
   bbox (x1, y1, x2, y2 pixels), raw_anns (the COCO annotation as JSON: bbox x, y, w, h, segmentation),
   raw_image_info (the COCO image as JSON: height, width). One entry per sentence, phrase = `sent`.
   RefCOCOg is the umd split.
-- lmms-lab (evaluation only: val, test, testA, testB, from the file names `<split>-NNNNN-of-NNNNN.parquet`;
+- lmms-lab (evaluation only: val, test, testA, testB, from the file names `<split>-NNNNN-of-NNNNN.parquet`
+  or the folder of `<split>/NNNN.parquet`;
   train is an error), one row per object: question_id, image (embedded: {bytes, path}), question
   (a prompt), answer [expressions], bbox (x, y, w, h), segmentation (one flat polygon), iscrowd,
   file_name. The images are written once to `<cache_dir>/hf_images/<file_name>` and read from there.
@@ -91,8 +92,9 @@ def kind(path: Path) -> str:
 
 
 def _file_split(path: Path) -> str | None:
+    """`val-00000-of-00004.parquet` -> val; the Hub's converted layout `default/val/0000.parquet` -> val."""
     m = _FILE_SPLIT.match(path.name)
-    return m.group(1) if m else None
+    return m.group(1) if m else path.parent.name
 
 
 def splits(split_root: Path, dataset: str) -> list[str]:
