@@ -305,3 +305,22 @@ def test_mrefm_asks_for_oneref_split_files(roots: dict[str, Path]) -> None:
         UserError, match=r"holds refer annotations; convert them first: python -m oneref.data.convert"
     ):
         dm.prepare_data()
+
+
+def test_the_real_config_trains_from_refer_files(roots: dict[str, Path], make_cfg) -> None:
+    """data=refcoco with data.split_root at a REFER folder: the composed DataModule reads it (auto)."""
+    from oneref import factory
+
+    cfg = make_cfg(
+        "data=refcoco",
+        f"data.data_root={roots['data']}",
+        f"data.split_root={roots['refer']}",
+        f"data.tokenizer={roots['tok']}",
+        "data.img_size=32",
+        "data.leakage=raise",
+    )
+    assert cfg.data.format == "auto"
+    dm = factory.build_datamodule(cfg)
+    dm.setup("fit")
+    assert list(dm.train_set.records) == A.expected_records("train")
+    assert [list(d.records) for d in dm.val_sets] == [A.expected_records("val")]
