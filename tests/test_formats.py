@@ -14,6 +14,7 @@ import torch
 from tests.helpers import annotations as A
 
 from oneref.data import formats
+from oneref.data.config import DataConfig
 from oneref.data.convert import TARGETS, convert
 from oneref.data.convert import main as convert_main
 from oneref.data.datamodule import RefDataModule
@@ -81,7 +82,15 @@ def _batch(roots: dict[str, Path], fmt: str, split: str) -> dict:
     from oneref.data.tokenizer import Tokenizer
 
     tok = Tokenizer(roots["tok"], 12)
-    ds = RefDataset(A.DATASET, split, roots["data"], roots[fmt], img_size=32, seg_masks=True, format=fmt)
+    cfg = DataConfig(
+        dataset=A.DATASET,
+        data_root=roots["data"],
+        split_root=roots[fmt],
+        img_size=32,
+        seg_masks=True,
+        format=fmt,
+    )
+    ds = RefDataset(cfg, split)
     return RefCollate(12, tokenizer=tok)([ds[i] for i in range(len(ds))])
 
 
@@ -146,12 +155,14 @@ def test_datamodule_reports_leakage_once_at_setup(
         test_splits=["testA"],
     )
     with caplog.at_level(logging.WARNING):
-        RefDataModule(**kw).setup("fit")
+        RefDataModule.from_config(**kw).setup("fit")
     assert "val/val: 1 images also in train, e.g. COCO_train2014_000000000009.jpg" in caplog.text
     with pytest.raises(LeakageError):
-        RefDataModule(**kw, leakage="raise").setup("fit")
+        RefDataModule.from_config(**kw, leakage="raise").setup("fit")
     with pytest.raises(UserError, match="data.format must be one of"):
-        RefDataModule(**kw, format="coco")
+        RefDataModule.from_config(**kw, format="coco")
+    with pytest.raises(UserError, match="data.leakage must be one of"):
+        RefDataModule.from_config(**kw, leakage="sometimes")
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -293,7 +304,7 @@ def test_unknown_format_and_cache_is_reused(roots: dict[str, Path], tmp_path: Pa
 
 
 def test_mrefm_asks_for_oneref_split_files(roots: dict[str, Path]) -> None:
-    dm = RefDataModule(
+    dm = RefDataModule.from_config(
         dataset=A.DATASET,
         data_root=roots["data"],
         split_root=roots["refer"],

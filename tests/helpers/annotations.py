@@ -20,7 +20,7 @@ from oneref.data.formats.oneref import official_name
 # the Hugging Face parquet needs pyarrow (the `formats` extra); without it those writers are left out
 HAVE_PYARROW = importlib.util.find_spec("pyarrow") is not None
 # the RefCOCO dataset under the name records.py gives it
-DATASET = next(d for d in ("refcoco", "unc") if d in records.DATASETS)
+DATASET = "refcoco"
 COCO_DIR = records.IMAGE_DIRS["coco"]
 SPLITS = ("train", "val", "testA", "testB")
 # image id -> (height, width)

@@ -15,10 +15,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from oneref.data.anchor_cache import SplitAnchors
 from oneref.data.config import DataConfig
 from oneref.data.datasets import RefCollate, RefDataset, carries_mrefm
+from oneref.data.leakage import check_leakage
+from oneref.data.records import load_records
 from oneref.data.samplers import EpochSampler, ResumableLoader, ShardSampler
 from oneref.data.synthetic import SyntheticPaths, ensure_synthetic
 from oneref.data.tokenizer import Tokenizer
 from oneref.data.workers import init_worker, resolve_num_workers
+from oneref.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class RefDataModule(L.LightningDataModule):
         self.val_sets: list[RefDataset] = []
         self.test_sets: list[RefDataset] = []
         self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self._leakage_checked = config.leakage == "off"
         # One key, so that it never clashes with the LightningModule's hyperparameters (a model
         # trained on one dataset evaluated on another); plain containers for weights_only loading.
         self.save_hyperparameters({"data": config.as_dict()})
@@ -110,6 +114,9 @@ class RefDataModule(L.LightningDataModule):
             self.val_sets = [self._make(s, train=False) for s in c.val_split]
         if stage in (None, "test") and not self.test_sets:
             self.test_sets = [self._make(s, train=False) for s in c.test_splits]
+        if self.train_set is not None and not self._leakage_checked:
+            self._leakage_checked = True
+            check_leakage(self.train_set.records, self._eval_records(), c.leakage, c.train_split)
         sizes = {
             "train": len(self.train_set) if self.train_set else None,
             **{f"val/{d.split}": len(d) for d in self.val_sets},
@@ -121,6 +128,22 @@ class RefDataModule(L.LightningDataModule):
             getattr(stage, "value", stage),
             {k: v for k, v in sizes.items() if v is not None},
         )
+
+    def _eval_records(self) -> dict[str, Any]:
+        """Records of every validation and test split of the run (test splits not loaded yet are
+        read for their records only; one that cannot be read is reported when it is evaluated)."""
+        c = self.config
+        out = {f"val/{d.split}": d.records for d in self.val_sets}
+        out.update({f"test/{d.split}": d.records for d in self.test_sets})
+        for s in c.test_splits:
+            if f"test/{s}" not in out:
+                try:
+                    out[f"test/{s}"] = load_records(
+                        c.resolved_split_root, c.dataset, s, "skip", c.data_root, format=c.format
+                    )[0]
+                except (OSError, ValueError, UserError) as e:
+                    log.debug("leakage check: test split %s not read: %s", s, e)
+        return out
 
     # --- loaders ------------------------------------------------------------------------------------
     def _collate(self) -> RefCollate:

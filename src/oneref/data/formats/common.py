@@ -100,14 +100,6 @@ def polygon_or_rle(seg: Any) -> Any:
     return seg
 
 
-# Until every caller speaks the user-facing dataset names, the older official ones are accepted here.
-_OLD_NAMES = {"unc": "refcoco", "unc+": "refcoco_plus", "gref": "refcocog_google", "gref_umd": "refcocog_umd"}
-
-
-def user_name(dataset: str) -> str:
-    return _OLD_NAMES.get(dataset, dataset)
-
-
 def unsupported(fmt: str, dataset: str, table: dict) -> FormatError:
     return FormatError(
         f"the {fmt} format has no dataset {dataset!r}; it holds {sorted(table)} (docs/data.md, Other annotation formats)"

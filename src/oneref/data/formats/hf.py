@@ -37,7 +37,6 @@ from oneref.data.formats.common import (
     RecordError,
     polygon_or_rle,
     unsupported,
-    user_name,
 )
 
 NAME = "hf"
@@ -62,7 +61,7 @@ def _pq():
 
 
 def folder(split_root: Path, dataset: str) -> Path:
-    name = user_name(dataset)
+    name = dataset
     if name not in DATASETS:
         raise unsupported(NAME, dataset, DATASETS)
     candidates = [Path(split_root) / n for n in DATASETS[name]]
@@ -75,7 +74,7 @@ def files(split_root: Path, dataset: str) -> list[Path]:
 
 
 def present(split_root: Path, dataset: str) -> bool:
-    return user_name(dataset) in DATASETS and bool(files(split_root, dataset))
+    return dataset in DATASETS and bool(files(split_root, dataset))
 
 
 def kind(path: Path) -> str:

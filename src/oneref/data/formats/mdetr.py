@@ -26,7 +26,6 @@ from oneref.data.formats.common import (
     read_json,
     size_of,
     unsupported,
-    user_name,
     write_json,
 )
 from oneref.data.records import RefRecord
@@ -41,7 +40,7 @@ def _dirs(split_root: Path) -> list[Path]:
 
 
 def split_path(split_root: Path, dataset: str, split: str) -> Path:
-    name = user_name(dataset)
+    name = dataset
     if name not in DATASETS:
         raise unsupported(NAME, dataset, DATASETS)
     candidates = [d / f"finetune_{DATASETS[name]}_{split}.json" for d in _dirs(split_root)]
@@ -49,7 +48,7 @@ def split_path(split_root: Path, dataset: str, split: str) -> Path:
 
 
 def splits(split_root: Path, dataset: str) -> list[str]:
-    name = user_name(dataset)
+    name = dataset
     if name not in DATASETS:
         return []
     pat = re.compile(rf"finetune_{re.escape(DATASETS[name])}_([A-Za-z]+)\.json$")
@@ -99,7 +98,7 @@ def read(split_root: Path, dataset: str, split: str) -> Iterator[Entry | RecordE
 def write(dst_root: Path, dataset: str, by_split: dict[str, list[RefRecord]]) -> list[Path]:
     out = []
     for split, recs in by_split.items():
-        path = Path(dst_root) / f"finetune_{DATASETS[user_name(dataset)]}_{split}.json"
+        path = Path(dst_root) / f"finetune_{DATASETS[dataset]}_{split}.json"
         images, anns = [], []
         for i, r in enumerate(recs, start=1):
             n = len(r.phrase)
@@ -110,7 +109,7 @@ def write(dst_root: Path, dataset: str, by_split: dict[str, list[RefRecord]]) ->
                     **size_of(r),
                     "caption": r.phrase,
                     "original_id": image_id_of(r.image_file),
-                    "dataset_name": DATASETS[user_name(dataset)],
+                    "dataset_name": DATASETS[dataset],
                     "tokens_positive_eval": [[[0, n]]],
                     "tokens_negative": [[0, n]],
                 }

@@ -25,7 +25,7 @@ CACHE = False  # records.load_records reads these itself
 
 
 def official_name(dataset: str) -> str:
-    return getattr(records, "OFFICIAL_NAMES", {}).get(dataset, dataset)
+    return records.OFFICIAL_NAMES[dataset]
 
 
 def splits(split_root: Path, dataset: str) -> list[str]:

@@ -31,7 +31,6 @@ from oneref.data.formats.common import (
     safe_load_pickle,
     size_of,
     unsupported,
-    user_name,
     write_json,
 )
 from oneref.data.records import RefRecord
@@ -51,7 +50,7 @@ _LOADED: dict[tuple, tuple[list, dict, dict]] = {}  # once per process, per file
 
 
 def files(split_root: Path, dataset: str) -> list[Path]:
-    name = user_name(dataset)
+    name = dataset
     if name not in DATASETS:
         raise unsupported(NAME, dataset, DATASETS)
     folder, split_by = DATASETS[name]
@@ -60,7 +59,7 @@ def files(split_root: Path, dataset: str) -> list[Path]:
 
 
 def present(split_root: Path, dataset: str) -> bool:
-    return user_name(dataset) in DATASETS and files(split_root, dataset)[0].is_file()
+    return dataset in DATASETS and files(split_root, dataset)[0].is_file()
 
 
 def _load(split_root: Path, dataset: str) -> tuple[list, dict, dict]:
@@ -95,7 +94,7 @@ def splits(split_root: Path, dataset: str) -> list[str]:
 def read(split_root: Path, dataset: str, split: str) -> Iterator[Entry | RecordError]:
     refs, anns, imgs = _load(split_root, dataset)
     refs_path, inst_path = files(split_root, dataset)
-    source = "referit" if user_name(dataset) == "referit" else "coco"
+    source = "referit" if dataset == "referit" else "coco"
     for k, ref in enumerate(refs):
         if not isinstance(ref, dict):
             yield RecordError(f"{refs_path} ref {k}: a {type(ref).__name__}, expected a dict")

@@ -24,7 +24,6 @@ from oneref.data.formats.common import (
     image_id_of,
     read_json,
     unsupported,
-    user_name,
     write_json,
 )
 from oneref.data.records import RefRecord
@@ -42,7 +41,7 @@ _LOADED: dict[tuple, dict] = {}
 
 
 def files(split_root: Path, dataset: str) -> list[Path]:
-    name = user_name(dataset)
+    name = dataset
     if name not in DATASETS:
         raise unsupported(NAME, dataset, DATASETS)
     root = Path(split_root)
@@ -54,7 +53,7 @@ def files(split_root: Path, dataset: str) -> list[Path]:
 
 
 def present(split_root: Path, dataset: str) -> bool:
-    return user_name(dataset) in DATASETS and files(split_root, dataset)[0].is_file()
+    return dataset in DATASETS and files(split_root, dataset)[0].is_file()
 
 
 def _load(split_root: Path, dataset: str) -> dict:
@@ -80,7 +79,7 @@ def read(split_root: Path, dataset: str, split: str) -> Iterator[Entry | RecordE
     (path,) = files(split_root, dataset)
     if split not in data:
         raise FormatError(f"{path} has no split {split!r}; it holds {sorted(data)}")
-    referit = user_name(dataset) == "referit"
+    referit = dataset == "referit"
     for k, item in enumerate(data[split]):
         where = f"{path} {split}[{k}]"
         if not isinstance(item, dict) or "image_id" not in item or "bbox" not in item:
