@@ -6,7 +6,8 @@
 
 Parsed records (checked, as plain tuples) are cached by content: `<cache_dir>/records/<format>-<dataset>-<split>-<hash>-v<version>.pkl`
 (hash of the annotation files' bytes; plain containers, read back with the same safe unpickler),
-and kept in memory for the rest of the process.
+and their bytes kept in memory for the rest of the process: the annotation files are parsed once
+per process (all their splits at once), and not at all once cached.
 """
 
 from __future__ import annotations
@@ -30,15 +31,13 @@ log = logging.getLogger(__name__)
 READERS: dict[str, ModuleType] = {"oneref": oneref, "refer": refer, "hf": hf, "seqtr": seqtr, "mdetr": mdetr}
 FORMATS = ("auto", *READERS)
 CACHE_VERSION = 3  # of the cached layout (RefRecord fields, checks); a new one parses again
-_MEMO: dict[str, tuple[list, list]] = {}  # parsed records per cache file
-_RECORDS: dict[tuple, tuple[list, list]] = {}  # records per split read
+_MEMO: dict[str, bytes] = {}  # the cache file's bytes, per cache file read or written
 _LOGGED: set[tuple] = set()
 
 
 def forget() -> None:
     """Drop what this process holds in memory (parsed files, entries, records); the disk cache stays."""
     _MEMO.clear()
-    _RECORDS.clear()
     refer._LOADED.clear()
     seqtr._LOADED.clear()
 
@@ -96,27 +95,41 @@ def _read_split(
         return _collect(reader.read(split_root, dataset, split))  # its error names what is missing
     path = _cache_path(reader, split_root, dataset, split, cache_dir)
     key = str(path)
+    if key not in _MEMO and path.is_file():
+        _MEMO[key] = path.read_bytes()
     if key in _MEMO:
-        return _MEMO[key]
-    if path.is_file():
         try:
-            _MEMO[key] = SafeUnpickler(io.BytesIO(path.read_bytes())).load()
-            return _MEMO[key]
+            return SafeUnpickler(io.BytesIO(_MEMO[key])).load()
         except Exception as e:  # a damaged cache is parsed again
             log.warning("ignoring unreadable records cache %s (%s)", path, e)
+    _parse_all(reader, split_root, dataset, cache_dir)
+    return SafeUnpickler(io.BytesIO(_MEMO[key])).load() if key in _MEMO else ([], [])
+
+
+def _parse_all(reader: ModuleType, split_root: Path, dataset: str, cache_dir: Path) -> None:
+    """Parse the annotation files once, for every split they hold; cache each split and keep its
+    bytes (not its objects: forked loader workers would copy their pages) for this process."""
     t0 = time.perf_counter()
-    _MEMO[key] = _collect(reader.read(split_root, dataset, split))
-    atomic_write_bytes(path, pickle.dumps(_MEMO[key], protocol=pickle.HIGHEST_PROTOCOL))
+    n = 0
+    for split in reader.splits(split_root, dataset):
+        parsed = _collect(reader.read(split_root, dataset, split))
+        n += len(parsed[0])
+        blob = pickle.dumps(parsed, protocol=pickle.HIGHEST_PROTOCOL)
+        path = _cache_path(reader, split_root, dataset, split, cache_dir)
+        atomic_write_bytes(path, blob)
+        _MEMO[str(path)] = blob
+    for module in READERS.values():  # the parsed files are not needed any more
+        module_cache = getattr(module, "_LOADED", None)
+        if module_cache is not None:
+            module_cache.clear()
     log.info(
-        "%s %s/%s: parsed %d records in %.1f s; cached in %s",
+        "%s %s: parsed %d records in %.1f s; cached in %s",
         reader.NAME,
         dataset,
-        split,
-        len(_MEMO[key][0]),
+        n,
         time.perf_counter() - t0,
-        path,
+        cache_dir / "records",
     )
-    return _MEMO[key]
 
 
 def _collect(items) -> tuple[list, list]:
@@ -155,12 +168,6 @@ def read_records(
     root = Path(split_root)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     parts = ["train", "val"] if split == "trainval" else [split]
-    stamp = tuple(
-        (str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in reader.files(root, dataset) if f.is_file()
-    )
-    key = (fmt, str(root.resolve()), dataset, split, bad_samples, stamp)
-    if key in _RECORDS:  # once per process
-        return _RECORDS[key]
     records: list[RefRecord] = []
     problems: list[str] = []
     for p in parts:
@@ -179,6 +186,4 @@ def read_records(
         log.warning(
             "%s/%s (%s): skipped %d bad records, e.g. %s", dataset, split, fmt, len(problems), problems[0]
         )
-    if reader.CACHE:
-        _RECORDS[key] = (records, problems)
     return records, problems
