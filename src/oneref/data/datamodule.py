@@ -15,13 +15,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from oneref.data.anchor_cache import SplitAnchors
 from oneref.data.config import DataConfig
 from oneref.data.datasets import RefCollate, RefDataset, carries_mrefm
-from oneref.data.leakage import check_leakage
-from oneref.data.records import load_records
+from oneref.data.leakage import check_run
 from oneref.data.samplers import EpochSampler, ResumableLoader, ShardSampler
 from oneref.data.synthetic import SyntheticPaths, ensure_synthetic
 from oneref.data.tokenizer import Tokenizer
 from oneref.data.workers import init_worker, resolve_num_workers
-from oneref.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ class RefDataModule(L.LightningDataModule):
         self.val_sets: list[RefDataset] = []
         self.test_sets: list[RefDataset] = []
         self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
-        self._leakage_checked = config.leakage == "off"
+        self._leakage_checked = False  # oneref.data.leakage.check_run, once
         # One key, so that it never clashes with the LightningModule's hyperparameters (a model
         # trained on one dataset evaluated on another); plain containers for weights_only loading.
         self.save_hyperparameters({"data": config.as_dict()})
@@ -116,7 +114,12 @@ class RefDataModule(L.LightningDataModule):
             self.test_sets = [self._make(s, train=False) for s in c.test_splits]
         if self.train_set is not None and not self._leakage_checked:
             self._leakage_checked = True
-            check_leakage(self.train_set.records, self._eval_records(), c.leakage, c.train_split)
+            evals = {
+                f"{k}/{d.split}": d.records
+                for k, ds in (("val", self.val_sets), ("test", self.test_sets))
+                for d in ds
+            }
+            check_run(c, self.train_set.records, evals)
         sizes = {
             "train": len(self.train_set) if self.train_set else None,
             **{f"val/{d.split}": len(d) for d in self.val_sets},
@@ -128,22 +131,6 @@ class RefDataModule(L.LightningDataModule):
             getattr(stage, "value", stage),
             {k: v for k, v in sizes.items() if v is not None},
         )
-
-    def _eval_records(self) -> dict[str, Any]:
-        """Records of every validation and test split of the run (test splits not loaded yet are
-        read for their records only; one that cannot be read is reported when it is evaluated)."""
-        c = self.config
-        out = {f"val/{d.split}": d.records for d in self.val_sets}
-        out.update({f"test/{d.split}": d.records for d in self.test_sets})
-        for s in c.test_splits:
-            if f"test/{s}" not in out:
-                try:
-                    out[f"test/{s}"] = load_records(
-                        c.resolved_split_root, c.dataset, s, "skip", c.data_root, format=c.format
-                    )[0]
-                except (OSError, ValueError, UserError) as e:
-                    log.debug("leakage check: test split %s not read: %s", s, e)
-        return out
 
     # --- loaders ------------------------------------------------------------------------------------
     def _collate(self) -> RefCollate:

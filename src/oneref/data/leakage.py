@@ -11,9 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from oneref.data.records import RefRecord
+from oneref.data.records import RefRecord, load_records
 from oneref.errors import UserError
+
+if TYPE_CHECKING:
+    from oneref.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +66,29 @@ def check_leakage(
         raise LeakageError(msg + " (data.leakage=raise)")
     log.warning("%s", msg)
     return {name: len(files) for name, files in found.items()}
+
+
+def check_run(
+    config: DataConfig, train: Iterable[RefRecord], loaded: Mapping[str, Iterable[RefRecord]]
+) -> dict[str, int]:
+    """`check_leakage` of a run (the DataModule calls it once, at the setup that loads the training
+    split): `loaded` are its evaluation splits built so far ({"val/val": records, ...}); test splits
+    not built yet are read for their records only (one that cannot be read is reported when it is
+    evaluated)."""
+    if config.leakage == "off":
+        return {}
+    evals = dict(loaded)
+    for s in config.test_splits:
+        if f"test/{s}" not in evals:
+            try:
+                evals[f"test/{s}"] = load_records(
+                    config.resolved_split_root,
+                    config.dataset,
+                    s,
+                    "skip",
+                    config.data_root,
+                    format=config.format,
+                )[0]
+            except (OSError, ValueError, UserError) as e:
+                log.debug("leakage check: test split %s not read: %s", s, e)
+    return check_leakage(train, evals, config.leakage, config.train_split)
