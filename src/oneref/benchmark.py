@@ -20,6 +20,8 @@ Runners:
     mrefm  the MRefM pretraining step (`task=mrefm`, built by the same factory) on batches from the
            real data pipeline with the MRefM fields (synthetic images); beyond tiny, a random
            VQ-KD of the released shape (the same compute without the file).
+    records  parse time of a full-size REFER RefCOCO file (synthetic, 142k sentences), cold, from the
+           content-hashed records cache and in process (`oneref.data.formats`).
     data   training samples/s per loader worker at 384 px on JPEG images (decode, augment, letterbox,
            mask, tokenise, collate), on synthetic 640x480 JPEGs in a temporary folder; also with the
            MRefM fields (`train+mrefm`: VQ-KD image, MIM mask, VTS, text masking).
@@ -323,6 +325,122 @@ def run_data_bench(args: argparse.Namespace) -> Rows:
 
 register(
     Runner("data", "training samples/s per loader worker on 640x480 JPEGs", add_data_options, run_data_bench)
+)
+
+
+# --- reading annotations -------------------------------------------------------------------------
+def _fake_refer(root: Path, refs_n: int, sentences: int, images: int, seed: int) -> None:
+    """A REFER refcoco folder of the size asked (random boxes, one 16-point polygon per object,
+    REFER's split shares of RefCOCO)."""
+    import pickle
+    import random
+
+    rng = random.Random(seed)
+    shares = (("train", 0.8485), ("val", 0.0762), ("testA", 0.0395), ("testB", 0.0358))
+    imgs = [
+        {"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 480, "width": 640}
+        for i in range(images)
+    ]
+    anns, refs, sent_id = [], [], 0
+    for r in range(refs_n):
+        iid = r * images // refs_n
+        x, y = rng.uniform(0, 300), rng.uniform(0, 200)
+        w, h = rng.uniform(10, 300), rng.uniform(10, 250)
+        poly = [v for k in range(16) for v in (x + w * (k % 4) / 3, y + h * (k // 4) / 3)]
+        anns.append(
+            {
+                "id": r + 1,
+                "image_id": iid,
+                "bbox": [x, y, w, h],
+                "segmentation": [poly],
+                "area": w * h,
+                "iscrowd": 0,
+                "category_id": 1,
+            }
+        )
+        n = sentences * (r + 1) // refs_n - sentences * r // refs_n
+        u = rng.random()
+        split = next(
+            (
+                s
+                for s, c in ((s, sum(q for _, q in shares[: k + 1])) for k, (s, _) in enumerate(shares))
+                if u < c
+            ),
+            "train",
+        )
+        sents = []
+        for _ in range(n):
+            words = rng.choices(
+                ("man", "left", "red", "shirt", "the", "on", "woman", "car", "blue", "big"), k=4
+            )
+            sents.append(
+                {"raw": " ".join(words), "sent": " ".join(words), "tokens": words, "sent_id": sent_id}
+            )
+            sent_id += 1
+        refs.append(
+            {
+                "ref_id": r,
+                "ann_id": r + 1,
+                "image_id": iid,
+                "split": split,
+                "category_id": 1,
+                "sent_ids": [s["sent_id"] for s in sents],
+                "sentences": sents,
+                "file_name": f"COCO_train2014_{iid:012d}_{r + 1}.jpg",
+            }
+        )
+    d = root / "refcoco"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (d / "instances.json").write_text(json.dumps({"images": imgs, "annotations": anns, "categories": []}))
+
+
+def add_records_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refs", type=int, default=50000)
+    p.add_argument("--sentences", type=int, default=142210)
+    p.add_argument("--images", type=int, default=19994)
+
+
+def run_records_bench(args: argparse.Namespace) -> Rows:
+    import tempfile
+
+    from oneref.data import formats
+    from oneref.data.records import load_records
+
+    dataset = "refcoco"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root, cache = Path(tmp) / "refer", Path(tmp) / "cache"
+        _fake_refer(root, args.refs, args.sentences, args.images, seed=0)
+        mb = sum(f.stat().st_size for f in (root / "refcoco").iterdir()) / 2**20
+        for stage in ("cold (parse + write cache)", "disk cache (new process)", "in process (second read)"):
+            if stage != "in process (second read)":
+                formats.forget()
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = sum(
+                len(load_records(root, dataset, s, format="refer", cache_dir=cache)[0])
+                for s in ("train", "val", "testA", "testB")
+            )
+            cpu = time.process_time() - c0  # what the wall time is on an idle core
+            rows.append(
+                {
+                    "stage": stage,
+                    "sentences": n,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "cpu_seconds": round(cpu, 2),
+                    "files_MB": round(mb, 1),
+                }
+            )
+    return rows
+
+
+register(
+    Runner(
+        "records",
+        "parse time of a full-size REFER RefCOCO (142k sentences): cold, disk cache, in process",
+        add_records_options,
+        run_records_bench,
+    )
 )
 
 

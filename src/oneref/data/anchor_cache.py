@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from oneref.data import formats
 from oneref.data.anchors import (
     AnchorParser,
     Anchors,
@@ -18,6 +19,7 @@ from oneref.data.anchors import (
 )
 from oneref.data.config import DataConfig
 from oneref.data.records import RecordError, load_records, load_split_file, parse_record, split_files
+from oneref.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,13 @@ class SplitAnchors:
     def cache_files(self, split: str) -> list[Path]:
         """One cache file per split file of ``split``, parsed here when missing."""
         c = self.config
+        fmt = formats.resolve(c.format, c.resolved_split_root, c.dataset)
+        if fmt != "oneref":  # the anchor cache is named by split file
+            raise UserError(
+                f"data.mrefm reads OneRef split files, but {c.resolved_split_root} holds {fmt} "
+                f"annotations; convert them first: python -m oneref.data.convert "
+                f"{c.resolved_split_root} DST --to oneref, then data.split_root=DST"
+            )
         parser = self.parser
         if parser.backend == "rules" and not self._warned_rules:
             self._warned_rules = True

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from oneref.data.formats import FORMATS
+from oneref.data.leakage import LEAKAGE_MODES
 from oneref.data.mrefm import MRefMConfig
 from oneref.data.records import DATASETS, DEFAULT_TEST_SPLITS, unknown_dataset_message
 from oneref.data.synthetic.config import SyntheticConfig
@@ -73,7 +75,10 @@ class DataConfig:
             synthetic generator writes them).
         tokenizer: sentencepiece model path (`beit3.spm` for official weights); None for synthetic
             uses the model generated with the data.
-        format: annotation format of the split files (`records.load_records`); auto = the official ones.
+        format: annotation format under split_root (`oneref.data.formats.FORMATS`): auto (detected
+            from the files there), oneref, refer, hf, seqtr or mdetr.
+        leakage: training images found in an evaluation split (`oneref.data.leakage`): warn, raise
+            or off; checked once, at the first setup that loads the training split.
         img_size, max_query_len: letterbox side S, text ids per expression (with bos/eos).
         train_split, val_split, test_splits: split names; val_split may be a list; test_splits
             default per dataset (records.DEFAULT_TEST_SPLITS).
@@ -103,6 +108,7 @@ class DataConfig:
     split_root: Path | None = None
     tokenizer: Path | None = None
     format: str = "auto"
+    leakage: str = "warn"
     img_size: int = 384
     max_query_len: int = 64
     train_split: str = "train"
@@ -132,6 +138,10 @@ class DataConfig:
 
         if self.dataset not in DATASETS:
             raise DataConfigError(f"data.dataset: {unknown_dataset_message(self.dataset)}")
+        if self.format not in FORMATS:
+            raise DataConfigError(f"data.format must be one of {list(FORMATS)}, got {self.format!r}")
+        if self.leakage not in LEAKAGE_MODES:
+            raise DataConfigError(f"data.leakage must be one of {list(LEAKAGE_MODES)}, got {self.leakage!r}")
         if self.bad_samples not in BAD_SAMPLE_MODES:
             raise DataConfigError(
                 f"data.bad_samples must be one of {list(BAD_SAMPLE_MODES)}, got {self.bad_samples!r}"

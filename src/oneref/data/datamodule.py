@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from oneref.data.anchor_cache import SplitAnchors
 from oneref.data.config import DataConfig
 from oneref.data.datasets import RefCollate, RefDataset, carries_mrefm
+from oneref.data.leakage import check_run
 from oneref.data.samplers import EpochSampler, ResumableLoader, ShardSampler
 from oneref.data.synthetic import SyntheticPaths, ensure_synthetic
 from oneref.data.tokenizer import Tokenizer
@@ -47,6 +48,7 @@ class RefDataModule(L.LightningDataModule):
         self.val_sets: list[RefDataset] = []
         self.test_sets: list[RefDataset] = []
         self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self._leakage_checked = False  # oneref.data.leakage.check_run, once
         # One key, so that it never clashes with the LightningModule's hyperparameters (a model
         # trained on one dataset evaluated on another); plain containers for weights_only loading.
         self.save_hyperparameters({"data": config.as_dict()})
@@ -110,6 +112,14 @@ class RefDataModule(L.LightningDataModule):
             self.val_sets = [self._make(s, train=False) for s in c.val_split]
         if stage in (None, "test") and not self.test_sets:
             self.test_sets = [self._make(s, train=False) for s in c.test_splits]
+        if self.train_set is not None and not self._leakage_checked:
+            self._leakage_checked = True
+            evals = {
+                f"{k}/{d.split}": d.records
+                for k, ds in (("val", self.val_sets), ("test", self.test_sets))
+                for d in ds
+            }
+            check_run(c, self.train_set.records, evals)
         sizes = {
             "train": len(self.train_set) if self.train_set else None,
             **{f"val/{d.split}": len(d) for d in self.val_sets},

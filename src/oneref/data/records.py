@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from oneref.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # The one place the official dataset names appear: user-facing name -> the name of its split files
@@ -124,8 +126,8 @@ def expected_layout(data_root: Any = "?", split_root: Any = "?") -> str:
     return _LAYOUT.format(data_root=data_root, split_root=split_root)
 
 
-class RecordError(ValueError):
-    """A split-file record that cannot be parsed."""
+class RecordError(UserError, ValueError):
+    """A split-file record that cannot be parsed (a ValueError too: the datasets count it as bad data)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,16 +305,22 @@ def load_records(
     data_root: Any = "?",
     *,
     format: str = "auto",
+    cache_dir: str | Path | None = None,
 ) -> tuple[list[RefRecord], list[str]]:
     """Parse every record of a split. Returns (records, problems).
 
+    `format` is the annotation format (`oneref.data.formats.FORMATS`; `auto` detects it from the
+    files under `split_root`); all but `oneref` are read by `oneref.data.formats.read_records`
+    (parsed records cached under `cache_dir`, default $ONEREF_CACHE or .cache).
     Records that cannot be parsed raise (`bad_samples="raise"`) or are dropped and listed in
-    `problems` (`"skip"`). ``format`` (``data.format``): the annotation format; ``auto`` reads
-    the official split files.
+    `problems` (`"skip"`).
     """
-    if format != "auto":
-        raise ValueError(f"data.format={format!r} is not a known annotation format; use auto")
     check_root(split_root, "split root", data_root, split_root)
+    from oneref.data import formats  # the readers build on this module
+
+    fmt = formats.resolve(format, split_root, dataset)
+    if fmt != "oneref":
+        return formats.read_records(fmt, split_root, dataset, split, bad_samples, cache_dir)
     files = split_files(split_root, dataset, split)
     for f, s in zip(files, _file_split_names(dataset, split)):
         if not f.is_file():
@@ -320,6 +328,8 @@ def load_records(
                 missing_split_file_message(split_root, dataset, s)
                 + "\n"
                 + expected_layout(data_root, split_root)
+                + "\n  or another annotation format: REFER, Hugging Face parquet, SeqTR, MDETR "
+                "(data.format; docs/data.md, Other annotation formats)"
             )
     records: list[RefRecord] = []
     problems: list[str] = []

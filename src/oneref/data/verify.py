@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image
 
+from oneref.data import formats
 from oneref.data.records import (
     DATASETS,
     DEFAULT_TEST_SPLITS,
@@ -28,12 +29,14 @@ from oneref.data.records import (
     RecordError,
     dataset_dirs,
     expected_layout,
+    load_records,
     load_split_file,
     parse_record,
     record_problem,
     split_file,
     split_file_candidates,
 )
+from oneref.errors import UserError
 
 log = logging.getLogger("oneref.data.verify")
 
@@ -135,6 +138,61 @@ def verify_split(
         elif problem:
             rep.add("degenerate_box", f"{where}: {problem}", max_examples)
         recs.append((where, rec))
+    _check_images(rep, recs, data_root, decode, workers, box_tolerance, max_examples, image_cache)
+    return rep
+
+
+# What a format reader's record error says -> the problem column it counts in.
+_KINDS = (
+    ("no area", "degenerate_box"),
+    ("empty after tokenisation", "empty_phrase"),
+    ("outside", "box_outside"),
+)
+
+
+def verify_format_split(
+    data_root: Path,
+    split_root: Path,
+    dataset: str,
+    split: str,
+    fmt: str,
+    decode: bool = False,
+    workers: int = 8,
+    box_tolerance: float = 0.0,
+    max_examples: int = 5,
+    image_cache: dict[Path, tuple] | None = None,
+) -> SplitReport:
+    """`verify_split` for the other annotation formats (`oneref.data.formats`)."""
+    rep = SplitReport(dataset, split)
+    recs, problems = load_records(split_root, dataset, split, "skip", data_root, format=fmt)
+    rep.records = len(recs) + len(problems)
+    for msg in problems:
+        kind = next((k for key, k in _KINDS if key in msg), "unparsable")
+        rep.add(kind, msg, max_examples)
+    good = []
+    for k, rec in enumerate(recs):
+        problem = record_problem(rec)
+        if problem:
+            rep.add(
+                "degenerate_box" if "box" in problem else "empty_phrase",
+                f"record {k}: {problem}",
+                max_examples,
+            )
+        good.append((f"{fmt} {split} record {k}", rec))
+    _check_images(rep, good, data_root, decode, workers, box_tolerance, max_examples, image_cache)
+    return rep
+
+
+def _check_images(
+    rep: SplitReport,
+    recs: list,
+    data_root: Path,
+    decode: bool,
+    workers: int,
+    box_tolerance: float,
+    max_examples: int,
+    image_cache: dict[Path, tuple] | None,
+) -> None:
     roots = {k: data_root / v for k, v in IMAGE_DIRS.items()}
     cache = image_cache if image_cache is not None else {}
     todo = sorted({roots[r.source] / r.image_file for _, r in recs} - set(cache))
@@ -164,7 +222,6 @@ def verify_split(
         x1, y1, x2, y2 = rec.box
         if x1 < -tol or y1 < -tol or x2 > w + tol or y2 > h + tol:
             rep.add("box_outside", f"{where}: box x1y1x2y2={list(rec.box)} in a {w}x{h} image", max_examples)
-    return rep
 
 
 def verify(
@@ -176,8 +233,10 @@ def verify(
     workers: int = 8,
     box_tolerance: float = 0.0,
     max_examples: int = 5,
+    fmt: str = "auto",
 ) -> tuple[list[SplitReport], list[str]]:
-    """Check datasets; returns (split reports, general problems such as missing folders or files)."""
+    """Check datasets; returns (split reports, general problems such as missing folders or files).
+    `fmt` is the annotation format (`oneref.data.formats.FORMATS`); auto detects it per dataset."""
     data_root, split_root = Path(data_root), Path(split_root)
     problems: list[str] = []
     for root, what in ((data_root, "data root"), (split_root, "split root")):
@@ -186,7 +245,12 @@ def verify(
     if problems:
         return [], problems
     if datasets is None:
-        datasets = [d for d in DATASETS if any(p.is_dir() for p in dataset_dirs(split_root, d))]
+        datasets = [
+            d
+            for d in DATASETS
+            if any(p.is_dir() for p in dataset_dirs(split_root, d))
+            or (formats.detect(split_root, d) if fmt == "auto" else formats.present(fmt, split_root, d))
+        ]
         if not datasets:
             problems.append(
                 f"no dataset folder under {split_root}; expected e.g. {split_root / 'single_dataset' / 'unc'}, "
@@ -197,6 +261,29 @@ def verify(
     for ds in datasets:
         if ds not in DATASETS:
             problems.append(f"unknown dataset {ds!r}; choose from {list(DATASETS)}")
+            continue
+        try:
+            resolved = formats.resolve(fmt, split_root, ds)
+            if resolved != "oneref":
+                have = formats.available_splits(resolved, split_root, ds)
+                for s in splits if splits is not None else have:
+                    reports.append(
+                        verify_format_split(
+                            data_root,
+                            split_root,
+                            ds,
+                            s,
+                            resolved,
+                            decode,
+                            workers,
+                            box_tolerance,
+                            max_examples,
+                            image_cache,
+                        )
+                    )
+                continue
+        except UserError as e:
+            problems.append(f"{ds}: {e}")
             continue
         if splits is None:
             for group in required_splits(ds):
@@ -277,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8, help="threads for image checks")
     p.add_argument("--box-tolerance", type=float, default=0.0, help="pixels a box may exceed its image")
     p.add_argument("--max-examples", type=int, default=5)
+    p.add_argument(
+        "--format", default="auto", choices=formats.FORMATS, help="annotation format (default: detected)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -289,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.workers,
         args.box_tolerance,
         args.max_examples,
+        args.format,
     )
     log.info("%s", format_report(reports, problems))
     if args.json:
