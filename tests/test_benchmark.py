@@ -55,7 +55,7 @@ def test_benchmark_rejects_a_bad_text_length(tmp_path: Path) -> None:
 
 
 def test_every_runner_is_registered_once_with_its_options() -> None:
-    assert list(benchmark.RUNNERS) == ["data", "train", "infer", "mrefm", "all"]
+    assert list(benchmark.RUNNERS) == ["data", "records", "train", "infer", "mrefm", "all"]
     with pytest.raises(ValueError, match="already registered"):
         benchmark.register(benchmark.RUNNERS["data"])
 
