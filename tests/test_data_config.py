@@ -98,3 +98,24 @@ def test_datasets_have_one_name_and_official_names_only_name_files(tmp_path: Pat
         DataConfig(dataset="gref_umd")
     with pytest.raises(ValueError, match="unknown dataset 'unc'"):
         split_file_candidates(tmp_path, "unc", "val")
+
+
+def test_a_checkpoint_reads_its_data_options_under_the_one_key(tmp_path: Path) -> None:
+    """What the DataModule saved (``datamodule_hyper_parameters["data"]``) describes the checkpoint's
+    data; a checkpoint written before that (options at the top level) reads the same."""
+    import torch
+
+    from helpers.models import tiny_model
+    from oneref.checkpoint import Checkpoint
+
+    model = tiny_model(seed=0)
+    config = DataConfig(dataset="refcoco", max_query_len=17)
+    base = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "pytorch-lightning_version": "2.4.0",
+        "hyper_parameters": {"model": {"size": "tiny"}, "task": {"name": "rec"}},
+    }
+    for saved in ({"data": config.as_dict()}, {"dataset": "refcoco", "max_query_len": 17}):
+        torch.save({**base, "datamodule_hyper_parameters": saved}, tmp_path / "best.ckpt")
+        ckpt = Checkpoint.open(tmp_path / "best.ckpt")
+        assert ckpt.training["dataset"] == "refcoco" and ckpt.training["max_query_len"] == 17

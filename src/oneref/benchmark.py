@@ -114,7 +114,7 @@ def _fmt(v: Any) -> str:
 
 
 def _fake_coco(root: Path, num_images: int, samples: int, size: tuple[int, int], seed: int) -> list[str]:
-    """JPEGs with photo-like statistics (smooth shading, shapes, texture noise) + a unc split file."""
+    """JPEGs with photo-like statistics (smooth shading, shapes, texture noise) + a refcoco split file."""
     import numpy as np
     import torch
     from PIL import Image, ImageDraw

@@ -180,6 +180,8 @@ class Checkpoint:
         raw = _lightning_state_dict(obj, report)
         hp = obj.get("hyper_parameters") or {}
         data = obj.get("datamodule_hyper_parameters") or {}
+        # the DataModule saves its DataConfig under one key, "data"; older checkpoints at the top level
+        data = data["data"] if isinstance(data.get("data"), Mapping) else data
         arch = hp.get("architecture")
         problem = ""
         if isinstance(arch, Mapping):
