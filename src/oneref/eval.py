@@ -6,7 +6,14 @@
 ckpt_path is one of our Lightning .ckpt files, a converted checkpoint folder, or an official
 OneRef .pth (then give ckpt_format=official; the architecture comes from ``model``). Our .ckpt
 files carry their task; the data follows the loaded model (a mask head is scored on object masks).
-Prints a table (datasets x splits) and writes every metric to JSON.
+Prints a table (datasets x splits) and writes every metric to JSON. Where the paper publishes
+numbers for the checkpoint's kind of model and the splits evaluated, it prints them beside ours,
+writes them into the JSON (key ``paper``) and ``paper_comparison.csv`` next to it. The row follows
+the checkpoint's training (task, model size, single-dataset or RefCOCO/+/g mix), read from our
+``.ckpt`` hyperparameters or an official ``.pth``'s saved args; ``paper_row=NAME`` names it (needed
+for files that do not say how they were trained).
+
+Every input is checked first (``oneref.preflight.check_eval``; ``preflight=false`` skips it).
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from oneref import factory
+from oneref import factory, paper, preflight
 from oneref.config import config_dir, to_container
+from oneref.errors import report_user_errors
 from oneref.reporting import quiet_third_party
 
 log = logging.getLogger(__name__)
@@ -46,7 +54,70 @@ def results_table(metrics: dict[str, float], dataset: str) -> Table:
     return table
 
 
+def _size_of(width: int | None) -> str | None:
+    from oneref.models.registry import SIZES
+
+    return next((n for n, s in SIZES.items() if s["embed_dim"] == width), None)
+
+
+def training_of(cfg: DictConfig) -> dict[str, str | None]:
+    """How the checkpoint was trained, as far as the file says: task, model size and training
+    dataset (official name). Our ``.ckpt`` keeps its hyperparameters, an official ``.pth`` its
+    argparse args; a missing fact is None (then ``paper_row=`` names the published row)."""
+    from oneref.checkpoint import CheckpointError, load_checkpoint_file, read_folder
+
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    facts: dict[str, str | None] = {"task": None, "size": None, "train_dataset": None}
+    try:
+        if path.is_dir():
+            folder = read_folder(path)
+            facts.update(task=folder.task, size=_size_of(folder.cfg.embed_dim))
+            facts["train_dataset"] = folder.config.get("dataset")
+            return facts
+        obj = load_checkpoint_file(path, mmap=True)
+    except CheckpointError as e:
+        log.info("cannot read how %s was trained (%s)", path, e)
+        return facts
+    hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    if isinstance(hp, dict):  # ours
+        facts.update(
+            task=(hp.get("task") or {}).get("name"),
+            size=(hp.get("model") or {}).get("size"),
+            train_dataset=hp.get("dataset"),
+        )
+        return facts
+    args = obj.get("args") if isinstance(obj, dict) else None
+    if args is not None:  # official train_oneref.py: --dataset, --model, --use_mask_loss, --split_root
+        dataset = getattr(args, "dataset", None)
+        if dataset == "mixup":  # the mix is named by its split_root folder
+            root = str(getattr(args, "split_root", ""))
+            dataset = "mixup_with_refc_referit" if "referit" in root else "mixup_with_refc"
+        model = str(getattr(args, "model", ""))
+        facts.update(
+            task="res" if getattr(args, "use_mask_loss", False) else "rec",
+            size=next((s for s in ("base", "large", "tiny") if s in model), None),
+            train_dataset=dataset,
+        )
+    return facts
+
+
+def paper_comparison(metrics: dict[str, float], cfg: DictConfig, out_dir: Path) -> list[dict]:
+    """The published numbers beside ours for this checkpoint (oneref.paper.report)."""
+    facts = training_of(cfg)
+    return paper.report(
+        metrics,
+        cfg,
+        out_dir,
+        task=facts["task"] or str(cfg.task.name),
+        size=facts["size"] or str(cfg.model.size),
+        # unknown training data: only an explicit paper_row picks a row
+        train_dataset=facts["train_dataset"] or "unknown",
+    )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    if cfg.get("preflight", True):
+        preflight.check_eval(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     module = factory.load_module(cfg)
@@ -59,9 +130,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         Console().print(results_table(metrics, str(cfg.data.dataset)))
         out = Path(cfg.get("output_json") or Path(cfg.paths.output_dir) / "metrics.json")
         out.parent.mkdir(parents=True, exist_ok=True)
+        published = paper_comparison(metrics, cfg, out.parent)
         out.write_text(
             json.dumps(
-                {"checkpoint": str(cfg.ckpt_path), "metrics": metrics, "config": to_container(cfg)},
+                {
+                    "checkpoint": str(cfg.ckpt_path),
+                    "metrics": metrics,
+                    "paper": published,
+                    "config": to_container(cfg),
+                },
                 indent=2,
                 default=str,
             )
@@ -71,6 +148,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
     evaluate(cfg)

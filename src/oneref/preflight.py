@@ -1,0 +1,580 @@
+"""Check every input a run names before anything is built or started, and report every problem
+at once: the tokenizer, the split files of every split the run touches, a sample of the images
+they reference, each stage's initial weights (present, readable, the right format and size: read
+from the keys and shapes, memory-mapped, without building the model), the VQ-KD tokenizer of
+MRefM and the output folders.
+
+    from oneref import preflight
+    preflight.check([stage1_cfg, stage2_cfg])   # training: one composed config per stage
+    preflight.check_eval(cfg)                   # python -m oneref.eval
+
+A failed check raises one :class:`PreflightError` (a :class:`~oneref.errors.UserError`: exit 2, no
+traceback) that lists each problem with the key to set and where the file is published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from oneref.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Records per split file whose images are looked for (spread over the file).
+IMAGE_SAMPLE = 8
+# At most this many example paths per problem.
+EXAMPLES = 3
+
+ONEREF_README = "the official OneRef README (github.com/linhuixiao/OneRef)"
+PUBLISHED: dict[str, str] = {
+    "tokenizer": (
+        "beit3.spm, the BEiT-3 release: github.com/microsoft/unilm, folder beit3, README section "
+        "'Text Tokenizer'"
+    ),
+    "split_files": (
+        f"the authors' annotations (text_box_annotation, about 400 MB), linked from {ONEREF_README}; "
+        "unpack them as downloaded (docs/data.md)"
+    ),
+    "coco": "COCO train2014 images, cocodataset.org ('2014 Train images')",
+    "referit": "the ReferIt (SAIAPR TC-12) images, linked from the TransVG / CLIP-VG data instructions",
+    "flickr": "the Flickr30K Entities images (flickr30k-images)",
+    "beit3": (
+        "beit3_{size}_indomain_patch16_224.pth, the BEiT-3 release: github.com/microsoft/unilm, folder "
+        "beit3, README section 'Pretrained Models'"
+    ),
+    "mrefm": f"the MRefM pretrained checkpoints listed in {ONEREF_README}",
+    "official": f"the released OneRef checkpoints listed in {ONEREF_README}",
+    "ours": "a checkpoint of an earlier oneref run (run that stage first)",
+    "vqkd": (
+        "vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth, the BEiT v2 release: github.com/microsoft/"
+        "unilm, beit2/README.md, 'visual tokenizer'"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing that would stop the run: what, the details, the key(s) to set, where to get it."""
+
+    what: str
+    detail: str
+    fix: str
+    source: str = ""
+    stages: tuple[str, ...] = ()
+
+    def format(self, number: int) -> str:
+        where = f" [{', '.join(self.stages)}]" if self.stages else ""
+        lines = [f"{number}. {self.what}{where}: " + self.detail.replace("\n", "\n     ")]
+        lines.append(f"     set: {self.fix}")
+        if self.source:
+            lines.append(f"     published: {self.source}")
+        return "\n".join(lines)
+
+
+class PreflightError(UserError):
+    """Every problem the checks found; ``problems`` holds them one by one."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"preflight found {n} problem{'s' if n != 1 else ''}; nothing was built or started:"
+        super().__init__("\n".join([head, *(p.format(i + 1) for i, p in enumerate(self.problems))]))
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    """``cfg.a.b``, or ``default`` when absent, null or not resolvable (e.g. ``${hydra:...}`` outside
+    a Hydra run)."""
+    node = cfg
+    try:
+        for part in dotted.split("."):
+            if node is None:
+                return default
+            node = node.get(part)
+    except (OmegaConfBaseException, ValueError, AttributeError):
+        return default
+    return default if node is None else node
+
+
+def _path(value: Any) -> Path:
+    return Path(str(value)).expanduser()
+
+
+def _names(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def _listing(items: Sequence[Any], limit: int = EXAMPLES) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+class _SplitCache:
+    """Split files read during one check: each file is loaded at most once."""
+
+    def __init__(self) -> None:
+        self._data: dict[Path, list | Exception] = {}
+
+    def load(self, path: Path) -> list:
+        from oneref.data.records import load_split_file
+
+        key = path.resolve()
+        if key not in self._data:
+            try:
+                self._data[key] = load_split_file(path)
+            except Exception as e:  # reported as a problem, not raised
+                self._data[key] = e
+        value = self._data[key]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+# -- data -------------------------------------------------------------------------------------
+def touched_splits(cfg: DictConfig, *, train: bool | None = None, test: bool | None = None) -> list[str]:
+    """The splits a run reads: train and validation when it trains (and train for the mean-box
+    baseline), the test splits when it tests."""
+    from oneref.data.records import DEFAULT_TEST_SPLITS
+
+    train = bool(_get(cfg, "train", True)) if train is None else train
+    test = bool(_get(cfg, "test", True)) if test is None else test
+    dataset = str(_get(cfg, "data.dataset"))
+    out: list[str] = []
+    if train or (test and _get(cfg, "report_baseline", False)):
+        out.append(str(_get(cfg, "data.train_split", "train")))
+    if train:
+        out += _names(_get(cfg, "data.val_split", "val"))
+    if test:
+        out += _names(_get(cfg, "data.test_splits")) or list(DEFAULT_TEST_SPLITS.get(dataset, ()))
+    return list(dict.fromkeys(out))
+
+
+def check_split_files(
+    split_root: Path, dataset: str, splits: Iterable[str]
+) -> tuple[dict[str, list[Path]], list[Problem]]:
+    """The files of each split (``trainval`` = train + val where the official loader says so) and
+    the problems: unknown split names, and missing files grouped by the folders looked in.
+
+    The one place that knows where split files are; another annotation format adds its layout here
+    (through ``oneref.data.records.split_file_candidates``)."""
+    from oneref.data.records import SPLITS, split_file_candidates, split_files
+
+    fix_root = "data.split_root=DIR (or paths.data_dir=DIR, which holds split/data)"
+    problems: list[Problem] = []
+    found: dict[str, list[Path]] = {}
+    unknown = [s for s in splits if s not in SPLITS[dataset]]
+    if unknown:
+        problems.append(
+            Problem(
+                "split names",
+                f"dataset {dataset!r} has no split {_listing(unknown, 10)}; its splits: {', '.join(SPLITS[dataset])}",
+                "data.train_split= / data.val_split= / data.test_splits=[...]",
+            )
+        )
+    # folders looked in -> missing file names, in the order the splits were asked for
+    missing: dict[tuple[Path, ...], list[tuple[str, ...]]] = {}
+    for split in splits:
+        if split in unknown:
+            continue
+        files = split_files(split_root, dataset, split)
+        found[split] = [f for f in files if f.is_file()]
+        for f in files:
+            if f.is_file():
+                continue
+            part = f.stem.rsplit("_", 1)[-1]
+            candidates = split_file_candidates(split_root, dataset, part)
+            folders = tuple(c.parent for c in candidates)
+            names = tuple(c.name for c in candidates)
+            if names not in missing.setdefault(folders, []):
+                missing[folders].append(names)
+    for folders, names in missing.items():
+        lines = [f"{folder}/: {_listing([n[i] for n in names], 20)}" for i, folder in enumerate(folders)]
+        where = "none of" if len(folders) > 1 else "not in"
+        problems.append(
+            Problem(
+                "split files",
+                f"{dataset}: {where} these places (split_root = {split_root}):\n  " + "\n  ".join(lines),
+                fix_root,
+                PUBLISHED["split_files"],
+            )
+        )
+    return found, problems
+
+
+def _check_tokenizer(cfg: DictConfig) -> list[Problem]:
+    value = _get(cfg, "data.tokenizer")
+    fix = "data.tokenizer=PATH/beit3.spm (or paths.data_dir=DIR holding beit3.spm)"
+    if not value:
+        return [Problem("tokenizer", "data.tokenizer is not set", fix, PUBLISHED["tokenizer"])]
+    path = _path(value)
+    if not path.is_file():
+        return [Problem("tokenizer", f"{path} does not exist", fix, PUBLISHED["tokenizer"])]
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:  # sentencepiece raises bare RuntimeError/OSError
+        return [Problem("tokenizer", f"{path} is not a sentencepiece model ({e})", fix, PUBLISHED["tokenizer"])]
+    return []
+
+
+def _image_dirs(cfg: DictConfig, data_root: Path) -> dict[str, Path]:
+    from oneref.data.records import IMAGE_DIRS
+
+    dirs = {k: data_root / v for k, v in IMAGE_DIRS.items()}
+    dirs.update({k: _path(v) for k, v in (_get(cfg, "data.image_dirs") or {}).items()})
+    return dirs
+
+
+def image_sources(dataset: str) -> tuple[str, ...]:
+    """The image folders (keys of ``oneref.data.records.IMAGE_DIRS``) a dataset's records use."""
+    from oneref.data.records import COCO_DATASETS
+
+    if dataset in COCO_DATASETS or dataset == "mixup_with_refc":
+        return ("coco",)
+    if dataset == "mixup_with_refc_referit":
+        return ("coco", "referit")
+    return (dataset,)
+
+
+def _check_images(
+    cfg: DictConfig, dataset: str, files: Iterable[Path], cache: _SplitCache
+) -> list[Problem]:
+    """A few records of each split file (spread over it): do their images exist?"""
+    from oneref.data.records import RecordError, parse_record
+
+    data_root = _path(_get(cfg, "data.data_root", "."))
+    dirs = _image_dirs(cfg, data_root)
+    fix = "data.data_root=DIR (or paths.data_dir=DIR, which holds image_data)"
+    problems: list[Problem] = []
+    # the dataset's image folders, whether or not its split files could be read
+    absent_dirs = {dirs[s]: s for s in image_sources(dataset) if s in dirs and not dirs[s].is_dir()}
+    for path in dict.fromkeys(files):
+        try:
+            records = cache.load(path)
+        except Exception as e:
+            problems.append(
+                Problem("split files", f"cannot read {path}: {e}", "data.split_root=DIR", PUBLISHED["split_files"])
+            )
+            continue
+        if not records:
+            problems.append(
+                Problem("split files", f"{path} holds no records", "data.split_root=DIR", PUBLISHED["split_files"])
+            )
+            continue
+        step = max(1, len(records) // IMAGE_SAMPLE)
+        missing: dict[Path, list[str]] = {}
+        sampled = 0
+        for k in range(0, len(records), step)[:IMAGE_SAMPLE]:
+            sampled += 1
+            try:
+                rec = parse_record(dataset, records[k], where=f"{path} record {k}")
+            except RecordError as e:
+                problems.append(Problem("split files", str(e), "data.split_root=DIR", PUBLISHED["split_files"]))
+                continue
+            folder = dirs.get(rec.source)
+            if folder is None:
+                continue
+            if not folder.is_dir():
+                absent_dirs.setdefault(folder, rec.source)
+            elif not (folder / rec.image_file).is_file():
+                missing.setdefault(folder, []).append(rec.image_file)
+        for folder, names in missing.items():
+            problems.append(
+                Problem(
+                    "images",
+                    f"{len(names)} of {sampled} sampled images of {path.name} are not in {folder}, e.g. "
+                    + _listing(names),
+                    fix,
+                    PUBLISHED.get(next(s for s, d in dirs.items() if d == folder), ""),
+                )
+            )
+    for folder, source in absent_dirs.items():
+        problems.append(
+            Problem(
+                "images",
+                f"image folder {folder} does not exist (data_root = {data_root})",
+                fix if source in ("coco", "referit", "flickr") else f"data.image_dirs.{source}=DIR",
+                PUBLISHED.get(source, ""),
+            )
+        )
+    return problems
+
+
+def check_data(cfg: DictConfig, splits: Sequence[str], cache: _SplitCache | None = None) -> list[Problem]:
+    """Tokenizer, split files of ``splits`` and a sample of their images (nothing for synthetic
+    data: it is generated on first use)."""
+    from oneref.data.records import DATASETS
+
+    dataset = str(_get(cfg, "data.dataset"))
+    if dataset == "synthetic":
+        return []
+    if dataset not in DATASETS:
+        return [
+            Problem(
+                "dataset",
+                f"data.dataset={dataset!r} is not a known dataset (official names: {', '.join(DATASETS)})",
+                "data=refcoco | refcoco_plus | refcocog_umd | refcocog_google | referit | flickr | mixup_refc | "
+                "mixup_refc_referit",
+            )
+        ]
+    cache = cache or _SplitCache()
+    problems = _check_tokenizer(cfg)
+    split_root = _get(cfg, "data.split_root")
+    split_root = _path(split_root) if split_root else _path(_get(cfg, "data.data_root", ".")) / "splits"
+    found, split_problems = check_split_files(split_root, dataset, splits)
+    problems += split_problems
+    problems += _check_images(cfg, dataset, [f for fs in found.values() for f in fs], cache)
+    return problems
+
+
+# -- weights ----------------------------------------------------------------------------------
+def model_config(cfg: DictConfig):
+    """The :class:`~oneref.models.oneref.OneRefConfig` the run would build (heads from the task),
+    without building anything."""
+    from oneref.config import to_container
+    from oneref.models.oneref import OneRefConfig
+    from oneref.models.registry import model_config as registered
+
+    model = to_container(cfg.model)
+    known = {f.name for f in fields(OneRefConfig)}
+    arch = {k: v for k, v in model.items() if k in known}
+    task = str(_get(cfg, "task.name", "rec"))
+    if task == "mrefm":
+        arch.update(mim_codebook_size=int(_get(cfg, "task.vqkd.codebook_size", 8192)), mlm_head=True)
+    else:
+        arch["seg_head"] = task == "res"
+    return registered(str(model["size"]), **arch)
+
+
+def _weights_source(fmt: str | None, path: Path) -> str:
+    if fmt in ("beit3", "mrefm", "official"):
+        return PUBLISHED[fmt]
+    if path.suffix == ".ckpt" or fmt in ("lightning", "folder"):
+        return PUBLISHED["ours"]
+    return PUBLISHED["official"]
+
+
+def check_weights(path: Path, fmt: str | None, cfg: DictConfig, what: str, fix: str) -> list[Problem]:
+    """Present, readable in the given format and of the model's size: keys and shapes only (the
+    file is memory-mapped; no model is built)."""
+    from oneref.checkpoint import CheckpointError, official_keys, read_weights
+    from oneref.checkpoint.keys import diff_keys, expand_groups, format_key_problems, key_group
+    from oneref.checkpoint.loading import allowed_missing
+
+    source = _weights_source(fmt, path)
+    if not path.exists():
+        return [Problem(what, f"{path} does not exist", fix, source)]
+    try:
+        model_cfg = model_config(cfg)
+    except (TypeError, ValueError) as e:
+        return [Problem("model", f"model={_get(cfg, 'model.size')}: {e}", "model=base | large | tiny")]
+    try:
+        sd, _, _, used = read_weights(path, fmt, model_cfg)
+    except CheckpointError as e:
+        return [Problem(what, f"{path}: {e}", f"{fix} (and its format: init_format= / ckpt_format=)", source)]
+    allowed = expand_groups(allowed_missing(used, model_cfg, None))
+    expected = {k: shape for k, (shape, _) in official_keys(model_cfg).items()}
+    missing, unexpected, mismatched = diff_keys(sd, expected)
+    missing = [k for k in missing if key_group(k) not in allowed]
+    if missing or unexpected or mismatched:
+        msg = format_key_problems(
+            f"{path} (format {used}) does not fit the model "
+            f"(model={_get(cfg, 'model.size')}, task={_get(cfg, 'task.name')}):",
+            missing,
+            unexpected,
+            mismatched,
+            limit=5,
+        )
+        return [Problem(what, msg, f"{fix} / model= / task=", source)]
+    return []
+
+
+def _check_vqkd(cfg: DictConfig) -> list[Problem]:
+    if str(_get(cfg, "task.name")) != "mrefm":
+        return []
+    value = _get(cfg, "task.vqkd.checkpoint")
+    if not value:  # a seeded random tokenizer (task.vqkd.random)
+        return []
+    path = _path(value)
+    fix = "task.vqkd.checkpoint=PATH (or task.vqkd.checkpoint=null: a random tokenizer, demonstrations only)"
+    if not path.is_file():
+        return [Problem("VQ-KD tokenizer", f"{path} does not exist", fix, PUBLISHED["vqkd"])]
+    from oneref.checkpoint import CheckpointError, load_checkpoint_file
+    from oneref.checkpoint.vqkd import vqkd_config_from_state_dict
+
+    try:
+        obj = load_checkpoint_file(path, mmap=True)
+        sd = obj.get("model", obj) if isinstance(obj, Mapping) else None
+        if not isinstance(sd, Mapping):
+            raise CheckpointError("it holds no state dict")
+        vq = vqkd_config_from_state_dict(sd)
+    except CheckpointError as e:
+        return [Problem("VQ-KD tokenizer", f"{path}: {e}", fix, PUBLISHED["vqkd"])]
+    patch = int(_get(cfg, "model.patch_size", 16))
+    if vq.patch_size != patch:
+        return [
+            Problem(
+                "VQ-KD tokenizer",
+                f"{path} has {vq.patch_size} px patches but the model has {patch} px patches",
+                fix,
+                PUBLISHED["vqkd"],
+            )
+        ]
+    return []
+
+
+# -- output -----------------------------------------------------------------------------------
+def check_writable(path: Path, fix: str, what: str = "output folder") -> list[Problem]:
+    """Can ``path`` be created (or written into)? Probed with a temporary file in the nearest
+    existing folder; nothing is left behind."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return [Problem(what, f"{path} cannot be created: {probe} is a file, not a folder", fix)]
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        return [Problem(what, f"{path} is not writable ({probe}: {e.strerror or e})", fix)]
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return [Problem(what, f"{path} is not writable ({probe})", fix)]
+    return []
+
+
+def _outputs(cfg: DictConfig) -> list[tuple[Path, str]]:
+    out: list[tuple[Path, str]] = []
+    output_dir = _get(cfg, "paths.output_dir")
+    if output_dir:
+        out.append((_path(output_dir), "hydra.run.dir=DIR (the run's output folder)"))
+    for key in ("export_best", "export_last"):
+        value = _get(cfg, key)
+        if value:
+            out.append((_path(value).parent, f"paths.log_dir=DIR (or {key}=PATH)"))
+    return out
+
+
+# -- entry points -----------------------------------------------------------------------------
+def _stage_name(cfg: DictConfig, index: int, total: int) -> str:
+    if total == 1:
+        return ""
+    name = _get(cfg, "run_name")
+    return f"stage {index + 1}" + (f" ({name})" if name else "")
+
+
+def _merge(found: Iterable[tuple[str, Problem]]) -> list[Problem]:
+    """One entry per distinct problem, naming every stage it concerns."""
+    merged: dict[tuple[str, str, str], Problem] = {}
+    for stage, p in found:
+        key = (p.what, p.detail, p.fix)
+        old = merged.get(key)
+        stages = (*(old.stages if old else ()), *((stage,) if stage else ()))
+        merged[key] = Problem(p.what, p.detail, p.fix, p.source, tuple(dict.fromkeys(stages)))
+    return list(merged.values())
+
+
+def _init_format(cfg: DictConfig) -> str | None:
+    fmt = _get(cfg, "init_format") if "init_format" in cfg else _get(cfg, "ckpt_format")
+    return None if fmt in (None, "auto") else str(fmt)
+
+
+def stage_problems(cfg: DictConfig, produced: set[Path], cache: _SplitCache) -> list[Problem]:
+    """Every problem of one training stage; ``produced``: files an earlier stage writes."""
+    problems = check_data(cfg, touched_splits(cfg), cache)
+    init = _get(cfg, "init_from")
+    if init and str(init) != "scratch":
+        path = _path(init)
+        if path.absolute() not in produced:
+            problems += check_weights(path, _init_format(cfg), cfg, "initial weights", "init_from=PATH")
+    problems += _check_vqkd(cfg)
+    for path, fix in _outputs(cfg):
+        problems += check_writable(path, fix)
+    return problems
+
+
+def check(stage_cfgs: Sequence[DictConfig]) -> None:
+    """Check every input of a run (one fully composed config per stage) before anything is built;
+    raise one :class:`PreflightError` listing every problem.
+
+    A stage's ``init_from`` that an earlier stage writes (its ``export_best``/``export_last``) is
+    not looked for. Each split file is read once, whichever stages use it."""
+    cache = _SplitCache()
+    produced: set[Path] = set()
+    found: list[tuple[str, Problem]] = []
+    for i, cfg in enumerate(stage_cfgs):
+        stage = _stage_name(cfg, i, len(stage_cfgs))
+        found += [(stage, p) for p in stage_problems(cfg, produced, cache)]
+        for key in ("export_best", "export_last"):
+            value = _get(cfg, key)
+            if value:
+                produced.add(_path(value).absolute())
+    problems = _merge(found)
+    if problems:
+        raise PreflightError(problems)
+    log.info("preflight: every input of %d stage(s) is in place", len(stage_cfgs))
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """``python -m oneref.eval``: the checkpoint (present, readable, fits the composed model for
+    an official file), the test data and the output folder."""
+    problems: list[Problem] = []
+    ckpt = _get(cfg, "ckpt_path")
+    fix = "ckpt_path=PATH (ckpt_format=official for an official .pth)"
+    if ckpt in (None, "???"):
+        problems.append(Problem("checkpoint", "ckpt_path is not set", fix, PUBLISHED["official"]))
+    else:
+        problems += _check_eval_checkpoint(cfg, _path(ckpt), fix)
+    problems += check_data(cfg, touched_splits(cfg, train=False, test=True))
+    out_json = _get(cfg, "output_json")
+    if out_json:
+        problems += check_writable(_path(out_json).parent, "output_json=PATH")
+    elif _get(cfg, "paths.output_dir"):
+        problems += check_writable(_path(cfg.paths.output_dir), "hydra.run.dir=DIR")
+    if problems:
+        raise PreflightError(_merge(("", p) for p in problems))
+
+
+def _check_eval_checkpoint(cfg: DictConfig, path: Path, fix: str) -> list[Problem]:
+    from oneref.checkpoint import CheckpointError, read_weights
+
+    fmt = _get(cfg, "ckpt_format")
+    ours = path.is_dir() or (path.suffix == ".ckpt" and fmt in (None, "lightning"))
+    if not ours:
+        return check_weights(path, fmt, cfg, "checkpoint", fix)
+    if not path.exists():
+        return [Problem("checkpoint", f"{path} does not exist", fix, _weights_source(fmt, path))]
+    try:  # our files describe their own architecture
+        read_weights(path, "folder" if path.is_dir() else "lightning")
+    except CheckpointError as e:
+        return [Problem("checkpoint", f"{path}: {e}", fix, _weights_source(fmt, path))]
+    return []
+
+
+__all__ = [
+    "IMAGE_SAMPLE",
+    "PUBLISHED",
+    "PreflightError",
+    "Problem",
+    "check",
+    "check_data",
+    "check_eval",
+    "check_split_files",
+    "check_weights",
+    "check_writable",
+    "model_config",
+    "touched_splits",
+]
