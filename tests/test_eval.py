@@ -11,9 +11,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from omegaconf import open_dict
+
+from helpers.cli import run_cli
 from helpers.compose import train_tiny_checkpoint
+from helpers.released import write_released_data
 from oneref.checkpoint import save_folder, to_official
-from oneref.eval import evaluate
+from oneref.eval import evaluate, training_of
+from oneref.paper import CSV_NAME
 from oneref.tasks.grounding import GroundingModule
 from oneref.tasks.metrics import rec_box_iou
 
@@ -26,6 +31,12 @@ def tiny_ckpt(request, tmp_path_factory, cache_dir) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"train_{task}")
     ckpt = train_tiny_checkpoint(task, out, cache_dir, "model.similarity_temperature=null")
     return task, ckpt
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> Path:
+    """A fake copy of the released data (paths.data_dir)."""
+    return write_released_data(tmp_path_factory.mktemp("released"))
 
 
 def _eval(make_cfg, tmp_path, task: str, ckpt: Path | str, *extra: str) -> dict[str, float]:
@@ -153,3 +164,115 @@ def test_original_resolution_metrics(make_cfg, tmp_path, tiny_ckpt):
             assert 0 <= original[f"test/synthetic/test/{name}"] <= 1
         with pytest.raises(ValueError, match="data.orig_masks=true"):
             _eval(make_cfg, tmp_path, task, ckpt, "task.original_resolution=true", "data.orig_masks=false")
+
+
+@pytest.mark.parametrize("tiny_ckpt", ["rec"], indirect=True)
+@pytest.mark.parametrize(
+    "data,name", [("refcoco", "unc"), ("refcoco_plus", "unc+"), ("refcocog_umd", "gref_umd")]
+)
+def test_eval_on_other_data_under_the_default_csv_logger(make_cfg, tmp_path, tiny_ckpt, released, data, name):
+    """A checkpoint trained on one dataset evaluated on another with the CSV logger on: the module's
+    and the DataModule's logged hyperparameters agree (Lightning refused to merge them before)."""
+    task, ckpt = tiny_ckpt
+    out = tmp_path / "metrics.json"
+    cfg = make_cfg(
+        f"ckpt_path={ckpt}", f"data={data}", f"paths.data_dir={released}", f"output_json={out}", name="eval"
+    )
+    with open_dict(cfg):
+        cfg.logger = {
+            "csv": {
+                "_target_": "lightning.pytorch.loggers.CSVLogger",
+                "save_dir": str(tmp_path),
+                "name": "csv",
+                "version": "",
+            }
+        }
+    metrics = evaluate(cfg)
+    written = json.loads(out.read_text())
+    splits = list(cfg.data.test_splits)
+    assert sorted(written["metrics"]) == sorted(
+        f"test/{name}/{s}/{m}" for s in splits for m in ("acc@0.5", "acc@0.25", "acc@0.75", "miou")
+    )
+    assert written["metrics"] == pytest.approx(metrics)
+    hparams = (tmp_path / "csv" / "hparams.yaml").read_text()
+    assert f"dataset: {name}" in hparams
+    # a tiny synthetic model has no published row
+    assert written["paper"] == [] and not (tmp_path / CSV_NAME).exists()
+
+
+@pytest.mark.parametrize("tiny_ckpt", ["rec"], indirect=True)
+def test_eval_prints_and_writes_the_paper_row(make_cfg, tmp_path, tiny_ckpt, released, capsys):
+    task, ckpt = tiny_ckpt
+    out = tmp_path / "metrics.json"
+    cfg = make_cfg(
+        f"ckpt_path={ckpt}",
+        "data=refcoco",
+        f"paths.data_dir={released}",
+        f"output_json={out}",
+        "paper_row=rec_single_base",
+        name="eval",
+    )
+    metrics = evaluate(cfg)
+    written = json.loads(out.read_text())
+    rows = written["paper"]
+    assert [(r["dataset"], r["split"], r["metric"], r["published"]) for r in rows] == [
+        ("unc", "val", "acc@0.5", 88.75),
+        ("unc", "testA", "acc@0.5", 90.95),
+        ("unc", "testB", "acc@0.5", 85.34),
+    ]
+    for r in rows:
+        ours = 100 * metrics[f"test/unc/{r['split']}/acc@0.5"]
+        assert r["ours"] == pytest.approx(ours, abs=1e-3)
+        assert r["difference"] == pytest.approx(ours - r["published"], abs=1e-3)
+    assert (tmp_path / CSV_NAME).read_text().splitlines()[0].startswith("row,model,table,dataset,split")
+    assert "88.75" in capsys.readouterr().out
+
+
+def test_training_facts_of_each_checkpoint_kind(make_cfg, tmp_path):
+    """The paper row follows how the checkpoint was trained: an official file's saved args."""
+    from helpers.released import write_official_weights
+
+    pth = write_official_weights(tmp_path / "official.pth", "official")
+    obj = torch.load(pth, weights_only=False)
+    obj["args"] = argparse.Namespace(
+        dataset="mixup",
+        split_root="data/mixup_with_refc",
+        model="beit3_large_patch16_384",
+        use_mask_loss=True,
+    )
+    torch.save(obj, pth)
+    cfg = make_cfg(f"ckpt_path={pth}", "ckpt_format=official", name="eval")
+    assert training_of(cfg) == {"task": "res", "size": "large", "train_dataset": "mixup_with_refc"}
+    obj["args"] = argparse.Namespace(dataset="unc", model="beit3_base_patch16_384")
+    torch.save(obj, pth)
+    assert training_of(cfg) == {"task": "rec", "size": "base", "train_dataset": "unc"}
+    del obj["args"]
+    torch.save(obj, pth)
+    assert training_of(cfg) == {"task": None, "size": None, "train_dataset": None}
+
+
+@pytest.mark.parametrize("tiny_ckpt", ["rec"], indirect=True)
+def test_our_checkpoint_says_how_it_was_trained(make_cfg, tiny_ckpt):
+    task, ckpt = tiny_ckpt
+    cfg = make_cfg(f"ckpt_path={ckpt}", name="eval")
+    assert training_of(cfg) == {"task": "rec", "size": "tiny", "train_dataset": "synthetic"}
+
+
+def test_eval_cli_checks_inputs_first(tmp_path):
+    """Every missing input at once, exit 2, no traceback, before anything is built."""
+    out = run_cli(
+        "oneref.eval",
+        [
+            f"ckpt_path={tmp_path}/none.pth",
+            "ckpt_format=official",
+            "data=refcoco",
+            f"paths.data_dir={tmp_path}/data",
+        ],
+        tmp_path,
+        tmp_path / "cache",
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    for key in ("ckpt_path=", "data.tokenizer=", "data.split_root=", "data.data_root="):
+        assert key in out.stderr, key
