@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-
 from omegaconf import open_dict
 
 from helpers.cli import run_cli

@@ -117,6 +117,11 @@ def _names(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
+def _shown(path: Path) -> str:
+    """A path as given, with its absolute form when it is relative (the cwd is not obvious)."""
+    return str(path) if path.is_absolute() else f"{path} (that is {path.absolute()})"
+
+
 def _listing(items: Sequence[Any], limit: int = EXAMPLES) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
@@ -221,13 +226,15 @@ def _check_tokenizer(cfg: DictConfig) -> list[Problem]:
         return [Problem("tokenizer", "data.tokenizer is not set", fix, PUBLISHED["tokenizer"])]
     path = _path(value)
     if not path.is_file():
-        return [Problem("tokenizer", f"{path} does not exist", fix, PUBLISHED["tokenizer"])]
+        return [Problem("tokenizer", f"{_shown(path)} does not exist", fix, PUBLISHED["tokenizer"])]
     import sentencepiece as spm
 
     try:
         spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:  # sentencepiece raises bare RuntimeError/OSError
-        return [Problem("tokenizer", f"{path} is not a sentencepiece model ({e})", fix, PUBLISHED["tokenizer"])]
+        return [
+            Problem("tokenizer", f"{path} is not a sentencepiece model ({e})", fix, PUBLISHED["tokenizer"])
+        ]
     return []
 
 
@@ -250,9 +257,7 @@ def image_sources(dataset: str) -> tuple[str, ...]:
     return (dataset,)
 
 
-def _check_images(
-    cfg: DictConfig, dataset: str, files: Iterable[Path], cache: _SplitCache
-) -> list[Problem]:
+def _check_images(cfg: DictConfig, dataset: str, files: Iterable[Path], cache: _SplitCache) -> list[Problem]:
     """A few records of each split file (spread over it): do their images exist?"""
     from oneref.data.records import RecordError, parse_record
 
@@ -267,12 +272,16 @@ def _check_images(
             records = cache.load(path)
         except Exception as e:
             problems.append(
-                Problem("split files", f"cannot read {path}: {e}", "data.split_root=DIR", PUBLISHED["split_files"])
+                Problem(
+                    "split files", f"cannot read {path}: {e}", "data.split_root=DIR", PUBLISHED["split_files"]
+                )
             )
             continue
         if not records:
             problems.append(
-                Problem("split files", f"{path} holds no records", "data.split_root=DIR", PUBLISHED["split_files"])
+                Problem(
+                    "split files", f"{path} holds no records", "data.split_root=DIR", PUBLISHED["split_files"]
+                )
             )
             continue
         step = max(1, len(records) // IMAGE_SAMPLE)
@@ -283,7 +292,9 @@ def _check_images(
             try:
                 rec = parse_record(dataset, records[k], where=f"{path} record {k}")
             except RecordError as e:
-                problems.append(Problem("split files", str(e), "data.split_root=DIR", PUBLISHED["split_files"]))
+                problems.append(
+                    Problem("split files", str(e), "data.split_root=DIR", PUBLISHED["split_files"])
+                )
                 continue
             folder = dirs.get(rec.source)
             if folder is None:
@@ -377,7 +388,7 @@ def check_weights(path: Path, fmt: str | None, cfg: DictConfig, what: str, fix: 
 
     source = _weights_source(fmt, path)
     if not path.exists():
-        return [Problem(what, f"{path} does not exist", fix, source)]
+        return [Problem(what, f"{_shown(path)} does not exist", fix, source)]
     try:
         model_cfg = model_config(cfg)
     except (TypeError, ValueError) as e:
@@ -412,7 +423,7 @@ def _check_vqkd(cfg: DictConfig) -> list[Problem]:
     path = _path(value)
     fix = "task.vqkd.checkpoint=PATH (or task.vqkd.checkpoint=null: a random tokenizer, demonstrations only)"
     if not path.is_file():
-        return [Problem("VQ-KD tokenizer", f"{path} does not exist", fix, PUBLISHED["vqkd"])]
+        return [Problem("VQ-KD tokenizer", f"{_shown(path)} does not exist", fix, PUBLISHED["vqkd"])]
     from oneref.checkpoint import CheckpointError, load_checkpoint_file
     from oneref.checkpoint.vqkd import vqkd_config_from_state_dict
 
@@ -556,7 +567,7 @@ def _check_eval_checkpoint(cfg: DictConfig, path: Path, fix: str) -> list[Proble
     if not ours:
         return check_weights(path, fmt, cfg, "checkpoint", fix)
     if not path.exists():
-        return [Problem("checkpoint", f"{path} does not exist", fix, _weights_source(fmt, path))]
+        return [Problem("checkpoint", f"{_shown(path)} does not exist", fix, _weights_source(fmt, path))]
     try:  # our files describe their own architecture
         read_weights(path, "folder" if path.is_dir() else "lightning")
     except CheckpointError as e:
