@@ -180,7 +180,7 @@ def test_output_folder_must_be_writable(make_cfg, tmp_path):
     assert "hydra.run.dir=" in problem.fix
 
 
-def test_missing_images_are_found_from_a_sample(make_cfg, released, tmp_path, monkeypatch):
+def test_missing_images_are_found_from_a_sample_of_one_file(make_cfg, released, tmp_path, monkeypatch):
     root = tmp_path / "copy"
     shutil.copytree(released, root)
     coco = root / "image_data/other/images/mscoco/images/train2014"
@@ -196,7 +196,7 @@ def test_missing_images_are_found_from_a_sample(make_cfg, released, tmp_path, mo
     assert {p.what for p in problems} == {"images"}
     assert all("sampled images" in p.detail and "COCO_train2014_" in p.detail for p in problems)
     assert all(len(p.stages) == 2 for p in problems)
-    assert len(reads) == len(set(reads)) == 4  # train, val, testA, testB: each read once for both stages
+    assert len(reads) == 1  # one split file read, once for both stages
 
 
 def test_unknown_split_names_and_datasets(make_cfg, released):
@@ -229,4 +229,17 @@ def test_check_eval_names_the_checkpoint(make_cfg, released, tmp_path, no_model_
     (problem,) = err.value.problems  # synthetic data needs nothing
     assert (
         problem.what == "checkpoint" and "ckpt_path=" in problem.fix and "base (width 768" in problem.detail
+    )
+
+
+def test_a_split_file_that_is_no_torch_file(make_cfg, released, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(released, root)
+    bad = root / "split/data/single_dataset/unc/unc_testB.pth"
+    bad.write_text("<html>rate limited</html>")
+    (problem,) = _problems(make_cfg("data=refcoco", f"paths.data_dir={root}"))
+    assert (
+        problem.what == "split files"
+        and str(bad) in problem.detail
+        and "not a torch.save file" in problem.detail
     )

@@ -29,8 +29,8 @@ from oneref.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Records per split file whose images are looked for (spread over the file).
-IMAGE_SAMPLE = 8
+# Records whose images are looked for, spread over a dataset's smallest split file.
+IMAGE_SAMPLE = 16
 # At most this many example paths per problem.
 EXAMPLES = 3
 
@@ -258,7 +258,8 @@ def image_sources(dataset: str) -> tuple[str, ...]:
 
 
 def _check_images(cfg: DictConfig, dataset: str, files: Iterable[Path], cache: _SplitCache) -> list[Problem]:
-    """A few records of each split file (spread over it): do their images exist?"""
+    """A few records of each of ``files`` (spread over it): do their images exist? Also: does each
+    image folder of the dataset exist?"""
     from oneref.data.records import RecordError, parse_record
 
     data_root = _path(_get(cfg, "data.data_root", "."))
@@ -348,8 +349,33 @@ def check_data(cfg: DictConfig, splits: Sequence[str], cache: _SplitCache | None
     split_root = _path(split_root) if split_root else _path(_get(cfg, "data.data_root", ".")) / "splits"
     found, split_problems = check_split_files(split_root, dataset, splits)
     problems += split_problems
-    problems += _check_images(cfg, dataset, [f for fs in found.values() for f in fs], cache)
+    files = list(dict.fromkeys(f for fs in found.values() for f in fs))
+    unreadable = {f: p for f in files if (p := _unreadable_split_file(f))}
+    problems += unreadable.values()
+    files = [f for f in files if f not in unreadable]
+    # Images: a sample of the smallest split file (a whole train file takes ~45 s to unpickle
+    # safely; every file of a dataset points into the same image folders, checked whole above).
+    sample = [min(files, key=lambda f: f.stat().st_size)] if files else []
+    problems += _check_images(cfg, dataset, sample, cache)
     return problems
+
+
+def _unreadable_split_file(path: Path) -> Problem | None:
+    """A split file that is no ``torch.save`` archive (e.g. an HTML error page), from its header."""
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and zipfile.is_zipfile(path):
+        return None
+    if head[:1] == b"\x80":  # a legacy (pre-1.6) torch.save pickle
+        return None
+    return Problem(
+        "split files",
+        f"{path} is not a torch.save file (it starts with {head!r}); the download may have failed",
+        "data.split_root=DIR",
+        PUBLISHED["split_files"],
+    )
 
 
 # -- weights ----------------------------------------------------------------------------------
