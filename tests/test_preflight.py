@@ -243,3 +243,22 @@ def test_a_split_file_that_is_no_torch_file(make_cfg, released, tmp_path):
         and str(bad) in problem.detail
         and "not a torch.save file" in problem.detail
     )
+
+
+def test_a_misspelt_paper_row_is_found_before_the_run(make_cfg):
+    (problem,) = _problems(make_cfg("+paper_row=rec_mixup_huge"))
+    assert problem.what == "paper row" and "rec_mixup_large" in problem.fix
+    preflight.check([make_cfg("+paper_row=rec_mixup_large")])
+
+
+def test_check_eval_compares_our_checkpoints_image_size_with_the_data(make_cfg, tmp_path):
+    """One of our .ckpt files brings its architecture; the data must be prepared at its size."""
+    from helpers.compose import train_tiny_checkpoint
+
+    ckpt = train_tiny_checkpoint("rec", tmp_path / "train", tmp_path / "cache")
+    preflight.check_eval(make_cfg(f"ckpt_path={ckpt}", name="eval"))
+    with pytest.raises(PreflightError) as err:
+        preflight.check_eval(make_cfg(f"ckpt_path={ckpt}", "model=base", name="eval"))
+    (problem,) = err.value.problems
+    assert "64 px images" in problem.detail and "data.img_size=384" in problem.detail
+    assert problem.fix.startswith("model=tiny")

@@ -54,24 +54,19 @@ def results_table(metrics: dict[str, float], dataset: str) -> Table:
     return table
 
 
-def _size_of(width: int | None) -> str | None:
-    from oneref.models.registry import SIZES
-
-    return next((n for n, s in SIZES.items() if s["embed_dim"] == width), None)
-
-
 def training_of(cfg: DictConfig) -> dict[str, str | None]:
     """How the checkpoint was trained, as far as the file says: task, model size and training
     dataset (official name). Our ``.ckpt`` keeps its hyperparameters, an official ``.pth`` its
     argparse args; a missing fact is None (then ``paper_row=`` names the published row)."""
     from oneref.checkpoint import CheckpointError, load_checkpoint_file, read_folder
+    from oneref.models.registry import size_of
 
     path = Path(str(cfg.ckpt_path)).expanduser()
     facts: dict[str, str | None] = {"task": None, "size": None, "train_dataset": None}
     try:
         if path.is_dir():
             folder = read_folder(path)
-            facts.update(task=folder.task, size=_size_of(folder.cfg.embed_dim))
+            facts.update(task=folder.task, size=size_of(folder.cfg))
             facts["train_dataset"] = folder.config.get("dataset")
             return facts
         obj = load_checkpoint_file(path, mmap=True)

@@ -538,6 +538,7 @@ def stage_problems(cfg: DictConfig, produced: set[Path], cache: _SplitCache) -> 
         if path.absolute() not in produced:
             problems += check_weights(path, _init_format(cfg), cfg, "initial weights", "init_from=PATH")
     problems += _check_vqkd(cfg)
+    problems += _check_paper_row(cfg)
     for path, fix in _outputs(cfg):
         problems += check_writable(path, fix)
     return problems
@@ -576,6 +577,7 @@ def check_eval(cfg: DictConfig) -> None:
     else:
         problems += _check_eval_checkpoint(cfg, _path(ckpt), fix)
     problems += check_data(cfg, touched_splits(cfg, train=False, test=True))
+    problems += _check_paper_row(cfg)
     out_json = _get(cfg, "output_json")
     if out_json:
         problems += check_writable(_path(out_json).parent, "output_json=PATH")
@@ -587,6 +589,7 @@ def check_eval(cfg: DictConfig) -> None:
 
 def _check_eval_checkpoint(cfg: DictConfig, path: Path, fix: str) -> list[Problem]:
     from oneref.checkpoint import CheckpointError, read_weights
+    from oneref.models.registry import size_of
 
     fmt = _get(cfg, "ckpt_format")
     ours = path.is_dir() or (path.suffix == ".ckpt" and fmt in (None, "lightning"))
@@ -595,10 +598,39 @@ def _check_eval_checkpoint(cfg: DictConfig, path: Path, fix: str) -> list[Proble
     if not path.exists():
         return [Problem("checkpoint", f"{_shown(path)} does not exist", fix, _weights_source(fmt, path))]
     try:  # our files describe their own architecture
-        read_weights(path, "folder" if path.is_dir() else "lightning")
+        _, arch, _, _ = read_weights(path, "folder" if path.is_dir() else "lightning")
     except CheckpointError as e:
         return [Problem("checkpoint", f"{path}: {e}", fix, _weights_source(fmt, path))]
+    img_size = _get(cfg, "data.img_size")
+    if img_size is not None and int(img_size) != arch.img_size:
+        size = size_of(arch)
+        return [
+            Problem(
+                "checkpoint",
+                f"{path} holds a model for {arch.img_size} px images but the data are prepared at "
+                f"data.img_size={img_size}",
+                f"model={size} (its img_size follows), or model.img_size={arch.img_size}"
+                if size
+                else f"model.img_size={arch.img_size}",
+            )
+        ]
     return []
+
+
+def _check_paper_row(cfg: DictConfig) -> list[Problem]:
+    """A misspelt ``paper_row`` is found now, not when the run has finished."""
+    from oneref import paper
+
+    name = _get(cfg, "paper_row", "auto")
+    if name == "auto" or name in paper.rows():
+        return []
+    return [
+        Problem(
+            "paper row",
+            f"paper_row={name!r} is not a published row",
+            f"paper_row=auto or one of {', '.join(paper.rows())}",
+        )
+    ]
 
 
 __all__ = [

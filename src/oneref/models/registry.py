@@ -32,5 +32,10 @@ def config_from_options(model: Mapping[str, Any], **heads: Any) -> OneRefConfig:
     return model_config(size, **architecture, **heads)
 
 
+def size_of(cfg: Any) -> str | None:
+    """The registered size name of an architecture (anything with the SIZES fields), or None."""
+    return next((n for n, s in SIZES.items() if all(getattr(cfg, k) == v for k, v in s.items())), None)
+
+
 def create_model(size: str, **overrides: Any) -> OneRef:
     return OneRef(model_config(size, **overrides))
