@@ -62,7 +62,13 @@ def test_everything_missing_is_reported_at_once(make_cfg, tmp_path, capsys):
         "init_format=beit3",
         "model=base",
     )
-    mrefm = make_cfg("task=mrefm", "data=mixup_refc_referit", f"paths.data_dir={none}", "model=base")
+    mrefm = make_cfg(
+        "task=mrefm",
+        "data=mixup_refc_referit",
+        f"paths.data_dir={none}",
+        "model=base",
+        f"data.mrefm.spacy_model={none}/en_core_web_md",
+    )
     problems = _problems(rec, mrefm)
     text = str(PreflightError(problems))
     for key in (
@@ -72,6 +78,7 @@ def test_everything_missing_is_reported_at_once(make_cfg, tmp_path, capsys):
         "paths.data_dir=",
         "init_from=",
         "task.vqkd.checkpoint=",
+        "data.mrefm.spacy_model=",
     ):
         assert key in text, key
     for source in (

@@ -177,6 +177,7 @@ def check_split_files(
     (through ``oneref.data.records.split_file_candidates``)."""
     from oneref.data.records import SPLITS, split_file_candidates, split_files
 
+    splits = list(splits)
     fix_root = "data.split_root=DIR (or paths.data_dir=DIR, which holds split/data)"
     problems: list[Problem] = []
     found: dict[str, list[Path]] = {}
@@ -199,7 +200,7 @@ def check_split_files(
         for f in files:
             if f.is_file():
                 continue
-            part = f.stem.rsplit("_", 1)[-1]
+            part = f.stem.rsplit("_", 1)[-1]  # every layout names its files <name>_<split>.pth
             candidates = split_file_candidates(split_root, dataset, part)
             folders = tuple(c.parent for c in candidates)
             names = tuple(c.name for c in candidates)
@@ -440,6 +441,27 @@ def check_weights(path: Path, fmt: str | None, cfg: DictConfig, what: str, fix: 
     return []
 
 
+def _check_spacy(cfg: DictConfig) -> list[Problem]:
+    """MRefM's subject/object parser: installed and found (its meta only; nothing is loaded)."""
+    name = _get(cfg, "data.mrefm.spacy_model")
+    if not _get(cfg, "data.mrefm.enabled", False) or not name:
+        return []
+    from oneref.data.anchors import make_parser
+
+    try:
+        _ = make_parser(str(name)).identity  # reads the pipeline's meta.json only
+    except (ImportError, OSError) as e:
+        return [
+            Problem(
+                "spaCy parser",
+                str(e).split("\n")[0],
+                "data.mrefm.spacy_model=NAME|DIR (or null: the rule-based fallback, not the official parses)",
+                "pip install 'oneref[nlp]', then python -m spacy download en_core_web_md",
+            )
+        ]
+    return []
+
+
 def _check_vqkd(cfg: DictConfig) -> list[Problem]:
     if str(_get(cfg, "task.name")) != "mrefm":
         return []
@@ -538,6 +560,7 @@ def stage_problems(cfg: DictConfig, produced: set[Path], cache: _SplitCache) -> 
         if path.absolute() not in produced:
             problems += check_weights(path, _init_format(cfg), cfg, "initial weights", "init_from=PATH")
     problems += _check_vqkd(cfg)
+    problems += _check_spacy(cfg)
     problems += _check_paper_row(cfg)
     for path, fix in _outputs(cfg):
         problems += check_writable(path, fix)
