@@ -2,6 +2,7 @@
 
     python -m oneref.eval ckpt_path=PATH data=refcoco model=base task=rec
     python -m oneref.eval ckpt_path=official/refcoco_base.pth ckpt_format=official data=refcoco model=base
+    python -m oneref.eval ckpt_path=logs/rec_mixup_large_stage2/best.ckpt data=refcoco_plus model=large
 
 ckpt_path is one of our Lightning .ckpt files, a converted checkpoint folder, or an official
 OneRef .pth (then give ckpt_format=official; the architecture comes from ``model``). Our .ckpt
