@@ -138,3 +138,10 @@ def test_nothing_published_writes_nothing(tmp_path):
     assert paper.report(METRICS, _cfg(model={"size": "tiny"}), tmp_path) == []
     assert paper.report({"test/synthetic/test/acc@0.5": 0.5}, _cfg(), tmp_path) == []
     assert not (tmp_path / paper.CSV_NAME).exists()
+
+
+def test_a_mixup_run_tested_on_its_own_splits_is_told_where_the_numbers_are(tmp_path, caplog):
+    metrics = {"test/mixup_with_refc/val/acc@0.5": 0.9, "test/mixup_with_refc/test/acc@0.5": 0.9}
+    with caplog.at_level("INFO", logger="oneref.paper"):
+        assert paper.report(metrics, _cfg(data={"dataset": "mixup_with_refc"}), tmp_path) == []
+    assert "data=refcoco" in caplog.text and "rec_mixup_base" in caplog.text

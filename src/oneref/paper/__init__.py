@@ -237,7 +237,13 @@ def report(
         return []
     found = compare(metrics, row, train_dataset, explicit=paper_row not in (None, "auto"))
     if not found:
-        log.info("the paper publishes no %s number for the splits evaluated here", row.name)
+        hint = (
+            ": its numbers are on RefCOCO/+/g, e.g. python -m oneref.eval ckpt_path=BEST.ckpt data=refcoco "
+            f"model={size} (also data=refcoco_plus, data=refcocog_umd)"
+            if row.setting == "mixup"
+            else ""
+        )
+        log.info("the paper publishes no %s number for the splits evaluated here%s", row.name, hint)
         return []
     (console or Console()).print(comparison_table(found))
     path = write_csv(found, Path(out_dir) / CSV_NAME)
