@@ -223,6 +223,7 @@ def test_eval_prints_and_writes_the_paper_row(make_cfg, tmp_path, tiny_ckpt, rel
         ours = 100 * metrics[f"test/unc/{r['split']}/acc@0.5"]
         assert r["ours"] == pytest.approx(ours, abs=1e-3)
         assert r["difference"] == pytest.approx(ours - r["published"], abs=1e-3)
+    assert written["paper_source"]["venue"] == "NeurIPS 2024"
     assert (tmp_path / CSV_NAME).read_text().splitlines()[0].startswith("row,model,table,dataset,split")
     assert "88.75" in capsys.readouterr().out
 

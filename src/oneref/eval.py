@@ -133,6 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                     "checkpoint": str(cfg.ckpt_path),
                     "metrics": metrics,
                     "paper": published,
+                    **({"paper_source": paper.source()} if published else {}),
                     "config": to_container(cfg),
                 },
                 indent=2,
