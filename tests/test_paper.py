@@ -50,6 +50,7 @@ def test_the_numbers_are_the_published_ones():
         ("rec", "base", "mixup_with_refc_referit", None),  # MRefM's pretraining data: no grounding row
         ("mrefm", "base", "mixup_with_refc_referit", None),
         ("rec", "base", None, None),
+        ("res", "large", "mixup", "res_mixup_large"),  # official --dataset mixup: the RefC grounding mix
     ],
 )
 def test_row_choice(task, size, trained_on, row):

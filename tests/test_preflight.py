@@ -93,7 +93,7 @@ def test_everything_missing_is_reported_at_once(make_cfg, tmp_path, capsys):
     tok = next(p for p in problems if p.what == "tokenizer")
     assert len(tok.stages) == 2
     # refcoco: one entry naming both folders looked in, every split the run touches
-    unc = next(p for p in problems if p.what == "split files" and "unc:" in p.detail)
+    unc = next(p for p in problems if p.what == "split files" and "refcoco:" in p.detail)
     assert f"{none}/split/data/single_dataset/unc/: unc_train.pth, unc_val.pth, unc_testA.pth" in unc.detail
     assert f"{none}/split/data/unc/: unc_train.pth" in unc.detail and "unc_testB.pth" in unc.detail
     assert any(p.what == "images" and "referit/images" in p.detail for p in problems)
@@ -258,12 +258,24 @@ def test_a_misspelt_paper_row_is_found_before_the_run(make_cfg):
     preflight.check([make_cfg("+paper_row=rec_mixup_large")])
 
 
-def test_check_eval_compares_our_checkpoints_image_size_with_the_data(make_cfg, tmp_path):
+def test_check_eval_follows_our_checkpoints_image_size_and_tokenizer(make_cfg, released, tmp_path):
     """One of our .ckpt files brings its architecture; the data must be prepared at its size."""
     from helpers.compose import train_tiny_checkpoint
 
     ckpt = train_tiny_checkpoint("rec", tmp_path / "train", tmp_path / "cache")
     preflight.check_eval(make_cfg(f"ckpt_path={ckpt}", name="eval"))
+    # it carries its tokenizer: the data need no beit3.spm
+    no_spm = tmp_path / "no_spm"
+    shutil.copytree(released, no_spm)
+    (no_spm / "beit3.spm").unlink()
+    preflight.check_eval(
+        make_cfg(f"ckpt_path={ckpt}", "data=refcoco", f"paths.data_dir={no_spm}", name="eval")
+    )
+    official = released / "checkpoints" / "oneref_tiny.pth"  # carries none
+    with pytest.raises(PreflightError, match="data.tokenizer="):
+        preflight.check_eval(
+            make_cfg(f"ckpt_path={official}", "data=refcoco", f"paths.data_dir={no_spm}", name="eval")
+        )
     with pytest.raises(PreflightError) as err:
         preflight.check_eval(make_cfg(f"ckpt_path={ckpt}", "model=base", name="eval"))
     (problem,) = err.value.problems

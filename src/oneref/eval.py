@@ -30,8 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from oneref import factory, paper, preflight
+from oneref.checkpoint import Checkpoint
 from oneref.config import config_dir, to_container
 from oneref.errors import report_user_errors
+from oneref.models.registry import size_of
 from oneref.reporting import quiet_third_party
 
 log = logging.getLogger(__name__)
@@ -55,51 +57,19 @@ def results_table(metrics: dict[str, float], dataset: str) -> Table:
     return table
 
 
-def training_of(cfg: DictConfig) -> dict[str, str | None]:
-    """How the checkpoint was trained, as far as the file says: task, model size and training
-    dataset (official name). Our ``.ckpt`` keeps its hyperparameters, an official ``.pth`` its
-    argparse args; a missing fact is None (then ``paper_row=`` names the published row)."""
-    from oneref.checkpoint import CheckpointError, load_checkpoint_file, read_folder
-    from oneref.models.registry import size_of
-
-    path = Path(str(cfg.ckpt_path)).expanduser()
-    facts: dict[str, str | None] = {"task": None, "size": None, "train_dataset": None}
-    try:
-        if path.is_dir():
-            folder = read_folder(path)
-            facts.update(task=folder.task, size=size_of(folder.cfg))
-            facts["train_dataset"] = folder.config.get("dataset")
-            return facts
-        obj = load_checkpoint_file(path, mmap=True)
-    except CheckpointError as e:
-        log.info("cannot read how %s was trained (%s)", path, e)
-        return facts
-    hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
-    if isinstance(hp, dict):  # ours
-        facts.update(
-            task=(hp.get("task") or {}).get("name"),
-            size=(hp.get("model") or {}).get("size"),
-            train_dataset=hp.get("dataset"),
-        )
-        return facts
-    args = obj.get("args") if isinstance(obj, dict) else None
-    if args is not None:  # official train_oneref.py: --dataset, --model, --use_mask_loss, --split_root
-        dataset = getattr(args, "dataset", None)
-        if dataset == "mixup":  # the mix is named by its split_root folder
-            root = str(getattr(args, "split_root", ""))
-            dataset = "mixup_with_refc_referit" if "referit" in root else "mixup_with_refc"
-        model = str(getattr(args, "model", ""))
-        facts.update(
-            task="res" if getattr(args, "use_mask_loss", False) else "rec",
-            size=next((s for s in ("base", "large", "tiny") if s in model), None),
-            train_dataset=dataset,
-        )
-    return facts
+def training_of(checkpoint: Checkpoint) -> dict[str, str | None]:
+    """How a checkpoint was trained, as far as it says (our ``.ckpt`` its hyperparameters, an
+    official file its saved args and shapes): task, model size and training dataset; None where
+    it does not say (then ``paper_row=`` names the published row)."""
+    size = checkpoint.training.get("size") or (size_of(checkpoint.config) if checkpoint.config else None)
+    return {"task": checkpoint.task, "size": size, "train_dataset": checkpoint.dataset}
 
 
-def paper_comparison(metrics: dict[str, float], cfg: DictConfig, out_dir: Path) -> list[dict]:
+def paper_comparison(
+    metrics: dict[str, float], cfg: DictConfig, checkpoint: Checkpoint, out_dir: Path
+) -> list[dict]:
     """The published numbers beside ours for this checkpoint (oneref.paper.report)."""
-    facts = training_of(cfg)
+    facts = training_of(checkpoint)
     return paper.report(
         metrics,
         cfg,
@@ -126,7 +96,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         Console().print(results_table(metrics, str(cfg.data.dataset)))
         out = Path(cfg.get("output_json") or Path(cfg.paths.output_dir) / "metrics.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        published = paper_comparison(metrics, cfg, out.parent)
+        published = paper_comparison(metrics, cfg, module.checkpoint, out.parent)
         out.write_text(
             json.dumps(
                 {

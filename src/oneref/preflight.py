@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +251,9 @@ def image_sources(dataset: str) -> tuple[str, ...]:
     """The image folders (keys of ``oneref.data.records.IMAGE_DIRS``) a dataset's records use."""
     from oneref.data.records import COCO_DATASETS
 
-    if dataset in COCO_DATASETS or dataset == "mixup_with_refc":
+    if dataset in COCO_DATASETS or dataset == "mixup_refc":
         return ("coco",)
-    if dataset == "mixup_with_refc_referit":
+    if dataset == "mixup_refc_referit":
         return ("coco", "referit")
     return (dataset,)
 
@@ -327,25 +327,25 @@ def _check_images(cfg: DictConfig, dataset: str, files: Iterable[Path], cache: _
     return problems
 
 
-def check_data(cfg: DictConfig, splits: Sequence[str], cache: _SplitCache | None = None) -> list[Problem]:
-    """Tokenizer, split files of ``splits`` and a sample of their images (nothing for synthetic
-    data: it is generated on first use)."""
-    from oneref.data.records import DATASETS
+def check_data(
+    cfg: DictConfig,
+    splits: Sequence[str],
+    cache: _SplitCache | None = None,
+    *,
+    tokenizer_carried: bool = False,
+) -> list[Problem]:
+    """Tokenizer (unless the checkpoint run carries its own: the data then tokenise with that
+    one), split files of ``splits`` and a sample of their images (nothing for synthetic data: it
+    is generated on first use)."""
+    from oneref.data.records import DATASETS, unknown_dataset_message
 
     dataset = str(_get(cfg, "data.dataset"))
     if dataset == "synthetic":
         return []
     if dataset not in DATASETS:
-        return [
-            Problem(
-                "dataset",
-                f"data.dataset={dataset!r} is not a known dataset (official names: {', '.join(DATASETS)})",
-                "data=refcoco | refcoco_plus | refcocog_umd | refcocog_google | referit | flickr | mixup_refc | "
-                "mixup_refc_referit",
-            )
-        ]
+        return [Problem("dataset", unknown_dataset_message(dataset), f"data={' | '.join(DATASETS)}")]
     cache = cache or _SplitCache()
-    problems = _check_tokenizer(cfg)
+    problems = [] if tokenizer_carried else _check_tokenizer(cfg)
     split_root = _get(cfg, "data.split_root")
     split_root = _path(split_root) if split_root else _path(_get(cfg, "data.data_root", ".")) / "splits"
     found, split_problems = check_split_files(split_root, dataset, splits)
@@ -381,21 +381,16 @@ def _unreadable_split_file(path: Path) -> Problem | None:
 
 # -- weights ----------------------------------------------------------------------------------
 def model_config(cfg: DictConfig):
-    """The :class:`~oneref.models.oneref.OneRefConfig` the run would build (heads from the task),
+    """The :class:`~oneref.models.oneref.OneRefConfig` the run would build (its task's heads),
     without building anything."""
     from oneref.config import to_container
-    from oneref.models.oneref import OneRefConfig
-    from oneref.models.registry import model_config as registered
+    from oneref.models.registry import config_from_options
+    from oneref.tasks.grounding import GroundingModule
+    from oneref.tasks.mrefm import MRefMModule
 
-    model = to_container(cfg.model)
-    known = {f.name for f in fields(OneRefConfig)}
-    arch = {k: v for k, v in model.items() if k in known}
-    task = str(_get(cfg, "task.name", "rec"))
-    if task == "mrefm":
-        arch.update(mim_codebook_size=int(_get(cfg, "task.vqkd.codebook_size", 8192)), mlm_head=True)
-    else:
-        arch["seg_head"] = task == "res"
-    return registered(str(model["size"]), **arch)
+    task = to_container(cfg.task)
+    kind = MRefMModule if task.get("name") == "mrefm" else GroundingModule
+    return config_from_options(to_container(cfg.model), **kind.heads(None, task))  # reads only the task
 
 
 def _weights_source(fmt: str | None, path: Path) -> str:
@@ -406,39 +401,35 @@ def _weights_source(fmt: str | None, path: Path) -> str:
     return PUBLISHED["official"]
 
 
-def check_weights(path: Path, fmt: str | None, cfg: DictConfig, what: str, fix: str) -> list[Problem]:
-    """Present, readable in the given format and of the model's size: keys and shapes only (the
-    file is memory-mapped; no model is built)."""
-    from oneref.checkpoint import CheckpointError, official_keys, read_weights
-    from oneref.checkpoint.keys import diff_keys, expand_groups, format_key_problems, key_group
-    from oneref.checkpoint.loading import allowed_missing
+def open_checkpoint(path: Path, fmt: str | None, what: str, fix: str) -> tuple[Any, list[Problem]]:
+    """(the :class:`~oneref.checkpoint.Checkpoint` description, problems): present and readable in
+    the given format; the file is memory-mapped, not read."""
+    from oneref.checkpoint import Checkpoint, CheckpointError
 
     source = _weights_source(fmt, path)
     if not path.exists():
-        return [Problem(what, f"{_shown(path)} does not exist", fix, source)]
+        return None, [Problem(what, f"{_shown(path)} does not exist", fix, source)]
+    try:
+        return Checkpoint.open(path, fmt), []
+    except CheckpointError as e:
+        return None, [Problem(what, f"{path}: {e}", f"{fix} (and its format: ckpt_format=)", source)]
+
+
+def check_fits(checkpoint: Any, cfg: DictConfig, what: str, fix: str) -> list[Problem]:
+    """Do the checkpoint's keys and shapes fit the model the config builds? (No model is built,
+    no weight is read.)"""
+    from oneref.checkpoint import CheckpointError
+
+    source = _weights_source(checkpoint.format, checkpoint.path)
     try:
         model_cfg = model_config(cfg)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, CheckpointError, UserError) as e:
         return [Problem("model", f"model={_get(cfg, 'model.size')}: {e}", "model=base | large | tiny")]
-    try:
-        sd, _, _, used = read_weights(path, fmt, model_cfg)
-    except CheckpointError as e:
-        return [Problem(what, f"{path}: {e}", f"{fix} (and its format: init_format= / ckpt_format=)", source)]
-    allowed = expand_groups(allowed_missing(used, model_cfg, None))
-    expected = {k: shape for k, (shape, _) in official_keys(model_cfg).items()}
-    missing, unexpected, mismatched = diff_keys(sd, expected)
-    missing = [k for k in missing if key_group(k) not in allowed]
-    if missing or unexpected or mismatched:
-        msg = format_key_problems(
-            f"{path} (format {used}) does not fit the model "
-            f"(model={_get(cfg, 'model.size')}, task={_get(cfg, 'task.name')}):",
-            missing,
-            unexpected,
-            mismatched,
-            limit=5,
-        )
-        return [Problem(what, msg, f"{fix} / model= / task=", source)]
-    return []
+    issues = checkpoint.check_fits(model_cfg)
+    if not issues:
+        return []
+    detail = f"(format {checkpoint.format}; model={_get(cfg, 'model.size')}, task={_get(cfg, 'task.name')}) "
+    return [Problem(what, detail + "\n".join(issues), f"{fix} / model= / task=", source)]
 
 
 def _check_spacy(cfg: DictConfig) -> list[Problem]:
@@ -553,12 +544,20 @@ def _init_format(cfg: DictConfig) -> str | None:
 
 def stage_problems(cfg: DictConfig, produced: set[Path], cache: _SplitCache) -> list[Problem]:
     """Every problem of one training stage; ``produced``: files an earlier stage writes."""
-    problems = check_data(cfg, touched_splits(cfg), cache)
+    problems: list[Problem] = []
+    carried = False  # whether the initial weights bring their tokenizer
     init = _get(cfg, "init_from")
     if init and str(init) != "scratch":
         path = _path(init)
-        if path.absolute() not in produced:
-            problems += check_weights(path, _init_format(cfg), cfg, "initial weights", "init_from=PATH")
+        if path.absolute() in produced:
+            carried = True  # our checkpoints embed their tokenizer
+        else:
+            fix = "init_from=PATH"
+            checkpoint, problems = open_checkpoint(path, _init_format(cfg), "initial weights", fix)
+            if checkpoint is not None:
+                carried = checkpoint.carried_tokenizer is not None
+                problems += check_fits(checkpoint, cfg, "initial weights", fix)
+    problems += check_data(cfg, touched_splits(cfg), cache, tokenizer_carried=carried)
     problems += _check_vqkd(cfg)
     problems += _check_spacy(cfg)
     problems += _check_paper_row(cfg)
@@ -593,13 +592,16 @@ def check_eval(cfg: DictConfig) -> None:
     """``python -m oneref.eval``: the checkpoint (present, readable, fits the composed model for
     an official file), the test data and the output folder."""
     problems: list[Problem] = []
+    checkpoint = None
     ckpt = _get(cfg, "ckpt_path")
     fix = "ckpt_path=PATH (ckpt_format=official for an official .pth)"
     if ckpt in (None, "???"):
         problems.append(Problem("checkpoint", "ckpt_path is not set", fix, PUBLISHED["official"]))
     else:
-        problems += _check_eval_checkpoint(cfg, _path(ckpt), fix)
-    problems += check_data(cfg, touched_splits(cfg, train=False, test=True))
+        checkpoint, found = _check_eval_checkpoint(cfg, _path(ckpt), fix)
+        problems += found
+    carried = checkpoint is not None and checkpoint.carried_tokenizer is not None
+    problems += check_data(cfg, touched_splits(cfg, train=False, test=True), tokenizer_carried=carried)
     problems += _check_paper_row(cfg)
     out_json = _get(cfg, "output_json")
     if out_json:
@@ -610,24 +612,21 @@ def check_eval(cfg: DictConfig) -> None:
         raise PreflightError(_merge(("", p) for p in problems))
 
 
-def _check_eval_checkpoint(cfg: DictConfig, path: Path, fix: str) -> list[Problem]:
-    from oneref.checkpoint import CheckpointError, read_weights
+def _check_eval_checkpoint(cfg: DictConfig, path: Path, fix: str) -> tuple[Any, list[Problem]]:
     from oneref.models.registry import size_of
 
-    fmt = _get(cfg, "ckpt_format")
-    ours = path.is_dir() or (path.suffix == ".ckpt" and fmt in (None, "lightning"))
-    if not ours:
-        return check_weights(path, fmt, cfg, "checkpoint", fix)
-    if not path.exists():
-        return [Problem("checkpoint", f"{_shown(path)} does not exist", fix, _weights_source(fmt, path))]
-    try:  # our files describe their own architecture
-        _, arch, _, _ = read_weights(path, "folder" if path.is_dir() else "lightning")
-    except CheckpointError as e:
-        return [Problem("checkpoint", f"{path}: {e}", fix, _weights_source(fmt, path))]
+    checkpoint, problems = open_checkpoint(path, _get(cfg, "ckpt_format"), "checkpoint", fix)
+    if checkpoint is None:
+        return None, problems
+    if checkpoint.format == "folder":  # brings its architecture (the data's image size follows)
+        return checkpoint, []
+    if checkpoint.format != "lightning" or checkpoint.task not in ("rec", "res"):
+        return checkpoint, check_fits(checkpoint, cfg, "checkpoint", fix)
+    arch = checkpoint.config  # our .ckpt brings its architecture; the data are prepared for cfg.model
     img_size = _get(cfg, "data.img_size")
-    if img_size is not None and int(img_size) != arch.img_size:
+    if arch is not None and img_size is not None and int(img_size) != arch.img_size:
         size = size_of(arch)
-        return [
+        return checkpoint, [
             Problem(
                 "checkpoint",
                 f"{path} holds a model for {arch.img_size} px images but the data are prepared at "
@@ -637,7 +636,7 @@ def _check_eval_checkpoint(cfg: DictConfig, path: Path, fix: str) -> list[Proble
                 else f"model.img_size={arch.img_size}",
             )
         ]
-    return []
+    return checkpoint, []
 
 
 def _check_paper_row(cfg: DictConfig) -> list[Problem]:
@@ -665,7 +664,8 @@ __all__ = [
     "check_data",
     "check_eval",
     "check_split_files",
-    "check_weights",
+    "check_fits",
+    "open_checkpoint",
     "check_writable",
     "model_config",
     "touched_splits",

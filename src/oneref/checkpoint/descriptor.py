@@ -199,7 +199,8 @@ class Checkpoint:
             )
         model = hp.get("model") if isinstance(hp.get("model"), Mapping) else {}
         training = {
-            "dataset": hp.get("dataset") or data.get("dataset"),
+            # the module's ``training`` facts; ``dataset`` in checkpoints written before them
+            "dataset": (hp.get("training") or {}).get("dataset") or hp.get("dataset") or data.get("dataset"),
             "task": task,
             "size": model.get("size"),
             "img_size": cfg.img_size if cfg else None,

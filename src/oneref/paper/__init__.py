@@ -32,26 +32,25 @@ log = logging.getLogger(__name__)
 CSV_NAME = "paper_comparison.csv"
 COLUMNS = ("row", "model", "table", "dataset", "split", "metric", "published", "ours", "difference")
 
-# Names a dataset goes by (the data config's name, the paper's) -> the official split-file name
-# the published table uses.
-DATASET_ALIASES: dict[str, str] = {
-    "refcoco": "unc",
+# Names a dataset goes by besides ours (oneref.data.records.OFFICIAL_NAMES maps ours to the
+# official split-file names the published tables use).
+OTHER_NAMES: dict[str, str] = {
     "refcoco+": "unc+",
-    "refcoco_plus": "unc+",
-    "refcocog": "gref_umd",
-    "refcocog_umd": "gref_umd",
-    "refcocog_google": "gref",
+    "refcocog": "gref_umd",  # the paper's RefCOCOg is the umd split
     "flickr30k": "flickr",
-    "mixup_refc": "mixup_with_refc",
-    "mixup_refc_referit": "mixup_with_refc_referit",
+    # official train_oneref.py --dataset of both mixes; the grounding models were trained on RefC
+    "mixup": "mixup_with_refc",
 }
 # The training data of the published mixup rows (the released "grounding pretraining" models).
 MIXUP_TRAINING = "mixup_with_refc"
 
 
 def official_dataset(name: str) -> str:
-    """The official split-file name of a dataset given by either name (refcoco -> unc)."""
-    return DATASET_ALIASES.get(str(name), str(name))
+    """The official split-file name of a dataset given by any of its names (refcoco -> unc)."""
+    from oneref.data.records import OFFICIAL_NAMES
+
+    name = str(name)
+    return OFFICIAL_NAMES.get(name) or OTHER_NAMES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -253,7 +252,7 @@ def report(
 
 __all__ = [
     "CSV_NAME",
-    "DATASET_ALIASES",
+    "OTHER_NAMES",
     "PaperRow",
     "compare",
     "get_row",
