@@ -170,11 +170,17 @@ def test_original_resolution_metrics(make_cfg, tmp_path, tiny_ckpt):
 @pytest.mark.parametrize("data", ["refcoco", "refcoco_plus", "refcocog_umd"])
 def test_eval_on_other_data_under_the_default_csv_logger(make_cfg, tmp_path, tiny_ckpt, released, data):
     """A checkpoint trained on one dataset evaluated on another with the CSV logger on: the module's
-    and the DataModule's logged hyperparameters agree (Lightning refused to merge them before)."""
+    and the DataModule's logged hyperparameters do not collide (Lightning refuses to merge a key
+    with two values: once ``dataset`` in both)."""
     task, ckpt = tiny_ckpt
     out = tmp_path / "metrics.json"
     cfg = make_cfg(
-        f"ckpt_path={ckpt}", f"data={data}", f"paths.data_dir={released}", f"output_json={out}", name="eval"
+        f"ckpt_path={ckpt}",
+        f"data={data}",
+        f"paths.data_dir={released}",
+        "data.tokenizer=null",  # the checkpoint's own
+        f"output_json={out}",
+        name="eval",
     )
     with open_dict(cfg):
         cfg.logger = {
@@ -207,6 +213,7 @@ def test_eval_prints_and_writes_the_paper_row(make_cfg, tmp_path, tiny_ckpt, rel
         f"ckpt_path={ckpt}",
         "data=refcoco",
         f"paths.data_dir={released}",
+        "data.tokenizer=null",  # the checkpoint's own
         f"output_json={out}",
         "paper_row=rec_single_base",
         name="eval",

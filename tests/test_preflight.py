@@ -271,6 +271,13 @@ def test_check_eval_follows_our_checkpoints_image_size_and_tokenizer(make_cfg, r
     preflight.check_eval(
         make_cfg(f"ckpt_path={ckpt}", "data=refcoco", f"paths.data_dir={no_spm}", name="eval")
     )
+    # another tokenizer beside it is refused (the model's ids would mean other words)
+    with pytest.raises(PreflightError) as err:
+        preflight.check_eval(
+            make_cfg(f"ckpt_path={ckpt}", "data=refcoco", f"paths.data_dir={released}", name="eval")
+        )
+    (problem,) = err.value.problems
+    assert problem.what == "tokenizer" and problem.fix.startswith("data.tokenizer=null")
     official = released / "checkpoints" / "oneref_tiny.pth"  # carries none
     with pytest.raises(PreflightError, match="data.tokenizer="):
         preflight.check_eval(

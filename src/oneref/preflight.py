@@ -220,12 +220,25 @@ def check_split_files(
     return found, problems
 
 
-def _check_tokenizer(cfg: DictConfig) -> list[Problem]:
+def _check_tokenizer(cfg: DictConfig, checkpoint: Any = None) -> list[Problem]:
+    """``data.tokenizer``, or, where the ``checkpoint`` run carries its own (the data then tokenise
+    with that one), that a ``data.tokenizer`` given beside it is the same model
+    (oneref.factory.follow_checkpoint_tokenizer)."""
+    from oneref.checkpoint import CheckpointError
+
     value = _get(cfg, "data.tokenizer")
+    path = _path(value) if value else None
+    if checkpoint is not None and checkpoint.carried_tokenizer is not None:
+        if path is None or not path.is_file():  # no claim against the checkpoint's own
+            return []
+        try:
+            checkpoint.choose_tokenizer(path, _get(cfg, "data.max_query_len"), knob="data.tokenizer")
+        except (CheckpointError, ValueError) as e:
+            return [Problem("tokenizer", str(e), "data.tokenizer=null (the checkpoint's own is used)")]
+        return []
     fix = "data.tokenizer=PATH/beit3.spm (or paths.data_dir=DIR holding beit3.spm)"
-    if not value:
+    if path is None:
         return [Problem("tokenizer", "data.tokenizer is not set", fix, PUBLISHED["tokenizer"])]
-    path = _path(value)
     if not path.is_file():
         return [Problem("tokenizer", f"{_shown(path)} does not exist", fix, PUBLISHED["tokenizer"])]
     import sentencepiece as spm
@@ -332,10 +345,9 @@ def check_data(
     splits: Sequence[str],
     cache: _SplitCache | None = None,
     *,
-    tokenizer_carried: bool = False,
+    checkpoint: Any = None,
 ) -> list[Problem]:
-    """Tokenizer (unless the checkpoint run carries its own: the data then tokenise with that
-    one), split files of ``splits`` and a sample of their images (nothing for synthetic data: it
+    """Tokenizer (see :func:`_check_tokenizer`: the ``checkpoint`` run may carry its own), split files of ``splits`` and a sample of their images (nothing for synthetic data: it
     is generated on first use)."""
     from oneref.data.records import DATASETS, unknown_dataset_message
 
@@ -345,7 +357,7 @@ def check_data(
     if dataset not in DATASETS:
         return [Problem("dataset", unknown_dataset_message(dataset), f"data={' | '.join(DATASETS)}")]
     cache = cache or _SplitCache()
-    problems = [] if tokenizer_carried else _check_tokenizer(cfg)
+    problems = _check_tokenizer(cfg, checkpoint)
     split_root = _get(cfg, "data.split_root")
     split_root = _path(split_root) if split_root else _path(_get(cfg, "data.data_root", ".")) / "splits"
     found, split_problems = check_split_files(split_root, dataset, splits)
@@ -545,19 +557,14 @@ def _init_format(cfg: DictConfig) -> str | None:
 def stage_problems(cfg: DictConfig, produced: set[Path], cache: _SplitCache) -> list[Problem]:
     """Every problem of one training stage; ``produced``: files an earlier stage writes."""
     problems: list[Problem] = []
-    carried = False  # whether the initial weights bring their tokenizer
+    checkpoint = None  # the initial weights, described (they may bring their tokenizer)
     init = _get(cfg, "init_from")
-    if init and str(init) != "scratch":
-        path = _path(init)
-        if path.absolute() in produced:
-            carried = True  # our checkpoints embed their tokenizer
-        else:
-            fix = "init_from=PATH"
-            checkpoint, problems = open_checkpoint(path, _init_format(cfg), "initial weights", fix)
-            if checkpoint is not None:
-                carried = checkpoint.carried_tokenizer is not None
-                problems += check_fits(checkpoint, cfg, "initial weights", fix)
-    problems += check_data(cfg, touched_splits(cfg), cache, tokenizer_carried=carried)
+    if init and str(init) != "scratch" and _path(init).absolute() not in produced:
+        fix = "init_from=PATH"
+        checkpoint, problems = open_checkpoint(_path(init), _init_format(cfg), "initial weights", fix)
+        if checkpoint is not None:
+            problems += check_fits(checkpoint, cfg, "initial weights", fix)
+    problems += check_data(cfg, touched_splits(cfg), cache, checkpoint=checkpoint)
     problems += _check_vqkd(cfg)
     problems += _check_spacy(cfg)
     problems += _check_paper_row(cfg)
@@ -600,8 +607,7 @@ def check_eval(cfg: DictConfig) -> None:
     else:
         checkpoint, found = _check_eval_checkpoint(cfg, _path(ckpt), fix)
         problems += found
-    carried = checkpoint is not None and checkpoint.carried_tokenizer is not None
-    problems += check_data(cfg, touched_splits(cfg, train=False, test=True), tokenizer_carried=carried)
+    problems += check_data(cfg, touched_splits(cfg, train=False, test=True), checkpoint=checkpoint)
     problems += _check_paper_row(cfg)
     out_json = _get(cfg, "output_json")
     if out_json:
