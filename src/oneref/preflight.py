@@ -1,8 +1,8 @@
 """Check every input a run names before anything is built or started, and report every problem
 at once: the tokenizer, the split files of every split the run touches, a sample of the images
 they reference, each stage's initial weights (present, readable, the right format and size: read
-from the keys and shapes, memory-mapped, without building the model), the VQ-KD tokenizer of
-MRefM and the output folders.
+from the keys and shapes, memory-mapped, without building the model), MRefM's VQ-KD tokenizer
+and spaCy parser, ``paper_row`` and the output folders.
 
     from oneref import preflight
     preflight.check([stage1_cfg, stage2_cfg])   # training: one composed config per stage
@@ -550,6 +550,7 @@ def _merge(found: Iterable[tuple[str, Problem]]) -> list[Problem]:
 
 
 def _init_format(cfg: DictConfig) -> str | None:
+    """The format of ``init_from``: ``init_format`` where the config has that key, else ``ckpt_format``."""
     fmt = _get(cfg, "init_format") if "init_format" in cfg else _get(cfg, "ckpt_format")
     return None if fmt in (None, "auto") else str(fmt)
 
