@@ -288,3 +288,9 @@ def test_check_eval_follows_our_checkpoints_image_size_and_tokenizer(make_cfg, r
     (problem,) = err.value.problems
     assert "64 px images" in problem.detail and "data.img_size=384" in problem.detail
     assert problem.fix.startswith("model=tiny")
+
+
+def test_another_annotation_format_is_checked_for_its_splits(make_cfg, released):
+    """data.format names a format whose files are not there: the splits it lacks are listed."""
+    (problem,) = _problems(make_cfg("data=refcoco", f"paths.data_dir={released}", "data.format=refer"))
+    assert problem.what == "annotations" and "refs(unc).p" in problem.detail and "data.format=" in problem.fix

@@ -347,8 +347,11 @@ def check_data(
     *,
     checkpoint: Any = None,
 ) -> list[Problem]:
-    """Tokenizer (see :func:`_check_tokenizer`: the ``checkpoint`` run may carry its own), split files of ``splits`` and a sample of their images (nothing for synthetic data: it
-    is generated on first use)."""
+    """Tokenizer (see :func:`_check_tokenizer`: the ``checkpoint`` run may carry its own), the
+    annotations of ``splits`` and a sample of their images (nothing for synthetic data: it is
+    generated on first use)."""
+    from oneref.data import formats
+    from oneref.data.formats.common import FormatError
     from oneref.data.records import DATASETS, unknown_dataset_message
 
     dataset = str(_get(cfg, "data.dataset"))
@@ -360,6 +363,12 @@ def check_data(
     problems = _check_tokenizer(cfg, checkpoint)
     split_root = _get(cfg, "data.split_root")
     split_root = _path(split_root) if split_root else _path(_get(cfg, "data.data_root", ".")) / "splits"
+    try:  # data.format: auto picks the first format whose files exist (oneref when none does)
+        fmt = formats.resolve(str(_get(cfg, "data.format", "auto")), split_root, dataset)
+    except FormatError as e:
+        return [*problems, Problem("annotation format", str(e), f"data.format={' | '.join(formats.FORMATS)}")]
+    if fmt != "oneref":
+        return problems + _check_other_format(cfg, fmt, split_root, dataset, splits)
     found, split_problems = check_split_files(split_root, dataset, splits)
     problems += split_problems
     files = list(dict.fromkeys(f for fs in found.values() for f in fs))
@@ -371,6 +380,36 @@ def check_data(
     sample = [min(files, key=lambda f: f.stat().st_size)] if files else []
     problems += _check_images(cfg, dataset, sample, cache)
     return problems
+
+
+def _check_other_format(
+    cfg: DictConfig, fmt: str, split_root: Path, dataset: str, splits: Sequence[str]
+) -> list[Problem]:
+    """Annotations in another format (oneref.data.formats): the splits it holds, and the image
+    folders (its files are not parsed here: some hold every split in one file)."""
+    from oneref.data import formats
+    from oneref.data.formats.common import FormatError
+
+    problems: list[Problem] = []
+    try:
+        held = set(formats.available_splits(fmt, split_root, dataset))
+    except FormatError as e:
+        held, problems = set(), [Problem("annotations", str(e), "data.split_root=DIR / data.format=")]
+    wanted = [
+        p for s in splits for p in (["train", "val"] if s == "trainval" and "trainval" not in held else [s])
+    ]
+    missing = [s for s in dict.fromkeys(wanted) if s not in held]
+    if missing and not problems:
+        problems.append(
+            Problem(
+                "annotations",
+                f"{dataset} in format {fmt} under {split_root} has no split {_listing(missing, 10)} "
+                f"(it has: {', '.join(sorted(held)) or 'none'})",
+                "data.split_root=DIR / data.format= / data.train_split= / data.test_splits=[...]",
+                "docs/data.md, 'Other annotation formats'",
+            )
+        )
+    return problems + _check_images(cfg, dataset, [], _SplitCache())
 
 
 def _unreadable_split_file(path: Path) -> Problem | None:
