@@ -187,3 +187,10 @@ def test_module_hyperparameters_keep_runtime_and_training_facts_nested(make_cfg,
     assert old.model.beit3.grad_checkpointing
     for key, value in module.state_dict().items():
         assert torch.equal(old.state_dict()[key], value), key
+    # the checkpoint descriptor reads the training set from either layout
+    from oneref.checkpoint import Checkpoint
+
+    new = tmp_path / "new.ckpt"
+    torch.save({**torch.load(path, weights_only=True), "hyper_parameters": dict(module.hparams)}, new)
+    assert Checkpoint.open(new, "lightning").dataset == "synthetic"
+    assert Checkpoint.open(path, "lightning").dataset == "refcoco"

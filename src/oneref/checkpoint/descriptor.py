@@ -180,8 +180,10 @@ class Checkpoint:
         raw = _lightning_state_dict(obj, report)
         hp = obj.get("hyper_parameters") or {}
         data = obj.get("datamodule_hyper_parameters") or {}
-        # the DataModule saves its DataConfig under one key, "data"; older checkpoints at the top level
-        data = data["data"] if isinstance(data.get("data"), Mapping) else data
+        if isinstance(data.get("data"), Mapping):  # the DataModule's options under one key
+            data = data["data"]
+        # the module's facts (older files: `dataset` at the top level of its hyperparameters)
+        facts = hp.get("training") if isinstance(hp.get("training"), Mapping) else {}
         arch = hp.get("architecture")
         problem = ""
         if isinstance(arch, Mapping):
@@ -199,8 +201,7 @@ class Checkpoint:
             )
         model = hp.get("model") if isinstance(hp.get("model"), Mapping) else {}
         training = {
-            # the module's ``training`` facts; ``dataset`` in checkpoints written before them
-            "dataset": (hp.get("training") or {}).get("dataset") or hp.get("dataset") or data.get("dataset"),
+            "dataset": facts.get("dataset") or hp.get("dataset") or data.get("dataset"),
             "task": task,
             "size": model.get("size"),
             "img_size": cfg.img_size if cfg else None,

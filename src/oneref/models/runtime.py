@@ -59,7 +59,7 @@ class ModelRuntime:
 
     def apply(self, model: OneRef) -> None:
         """Activation checkpointing and the attention kernel; compiling waits for
-        ``LightningModule.configure_model`` (see :meth:`compile`)."""
+        ``LightningModule.configure_model`` (:meth:`compile_model`)."""
         if self.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.beit3.set_attention(self.attention)
