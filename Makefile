@@ -3,7 +3,7 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev demo train test test-all lint format bench clean
+.PHONY: help install install-dev demo app train test test-all lint format bench clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -16,6 +16,10 @@ install-dev: ## install oneref with test and lint tools (editable)
 
 demo: install ## train the tiny model on the embedded synthetic dataset (2-core CPU: ~10 min)
 	$(PYTHON) -m oneref.train
+
+app: ## serve the demo's model in the browser (python -m oneref.demo; run `make demo` first)
+	$(PYTHON) -m pip install -e ".[demo,hf]"
+	$(PYTHON) -m oneref.demo
 
 train: demo ## alias of demo
 

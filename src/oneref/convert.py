@@ -7,10 +7,13 @@
     python -m oneref.convert parity GOLDEN_DIR
     python -m oneref.convert export CKPT OUT [--to onnx|torch_export] [--format auto|...]
                                       [--text-lengths LO HI] [--batch N] [--opset 18] [--no-verify]
+    python -m oneref.convert push CKPT OWNER/NAME [--local-dir DIR] [--dry-run] [--private]
+                                      [--revision BRANCH] [--tokenizer beit3.spm] [--format ...]
 
 ``--format`` always names the input checkpoint's format, in the one vocabulary of
 ``oneref.checkpoint.FORMATS`` (default auto: detected, oneref.checkpoint.Checkpoint.open); ``--to``
-names what is written. See docs/checkpoints.md, and docs/predict.md for export.
+names what is written. See docs/checkpoints.md, docs/predict.md for export and docs/demo.md for
+the Hub (push).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from oneref.checkpoint.descriptor import allowed_missing
 from oneref.checkpoint.export import ExportError
 from oneref.checkpoint.folder import DEFAULT_MAX_QUERY_LEN
 from oneref.checkpoint.formats import LAYOUT_FORMATS
+from oneref.errors import UserError
 from oneref.parity import PARITY_TOL, parity_rows
 
 
@@ -176,6 +180,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the Hub --------------------------------------------------------------------------------------------
+def cmd_push(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from oneref import hub
+
+    if "@" in args.repo_id or hub.parse(args.repo_id) is None:
+        raise hub.HubError(
+            f"{args.repo_id!r} is not a repository id: write OWNER/NAME (a branch: --revision)"
+        )
+    if args.dry_run and not args.local_dir:
+        raise CheckpointError("--dry-run writes the folder only: give it with --local-dir DIR")
+    if not Path(args.input).exists():
+        raise CheckpointError(f"checkpoint {args.input} does not exist; check the path")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = hub.write_folder(
+            args.input,
+            args.local_dir or Path(tmp) / "folder",
+            tokenizer=args.tokenizer,
+            ckpt_format=args.format,
+            overwrite=args.overwrite,
+            repo_id=args.repo_id,
+        )
+        print(f"wrote {hub.describe(out)}")
+        if args.dry_run:
+            print(f"dry run: nothing uploaded to {args.repo_id}")
+            return 0
+        url = hub.upload(out, args.repo_id, private=args.private, revision=args.revision)
+    print(f"uploaded to {args.repo_id}: {url}")
+    return 0
+
+
 # -- CLI ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m oneref.convert", description=__doc__.split("\n\n")[0])
@@ -271,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true", help="skip running the file against the eager model")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export)
+
+    h = sub.add_parser(
+        "push", help="any checkpoint -> checkpoint folder + model card, uploaded to the Hub (docs/demo.md)"
+    )
+    h.add_argument("input", help="one of our .ckpt files, a checkpoint folder or an official .pth")
+    h.add_argument("repo_id", help="OWNER/NAME on the Hugging Face Hub (created if missing)")
+    h.add_argument("--local-dir", help="write the folder here (kept) instead of a temporary folder")
+    h.add_argument("--dry-run", action="store_true", help="write the folder (--local-dir) and upload nothing")
+    h.add_argument("--private", action="store_true", help="create the repository private")
+    h.add_argument("--revision", help="upload to this branch (created if missing; default: main)")
+    h.add_argument("--tokenizer", help="sentencepiece model, for a checkpoint that carries none (beit3.spm)")
+    h.add_argument(
+        "--format",
+        choices=[AUTO, *RUNNABLE_FORMATS],
+        default=AUTO,
+        help="the checkpoint's format (default: detected)",
+    )
+    h.add_argument("--overwrite", action="store_true", help="write into a --local-dir that is not empty")
+    h.set_defaults(func=cmd_push)
     return p
 
 
@@ -278,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as e:
+    except (CheckpointError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ExportError as e:

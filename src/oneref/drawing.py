@@ -84,3 +84,29 @@ def make_grid(tiles: list[np.ndarray], columns: int = 4, gap: int = 2) -> np.nda
         r, c = divmod(i, columns)
         grid[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = tile
     return grid
+
+
+# inferno's colours at 0, 1/4, 1/2, 3/4, 1 (matplotlib): dark = low similarity, bright = high
+HEAT_STOPS = np.array(
+    [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float32
+)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """(H,W) float -> (H,W,3) uint8 colours, stretched from the map's minimum to its maximum."""
+    v = values.astype(np.float32)
+    lo, hi = float(v.min()), float(v.max())
+    t = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+    x = t * (len(HEAT_STOPS) - 1)
+    i = np.minimum(x.astype(np.int64), len(HEAT_STOPS) - 2)
+    f = (x - i)[..., None]
+    return ((1 - f) * HEAT_STOPS[i] + f * HEAT_STOPS[i + 1]).round().astype(np.uint8)
+
+
+def overlay_heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """The (h,w) map ``values`` resized (bilinear) to the (H,W,3) uint8 ``image`` and blended onto
+    it as colours (:func:`heat_colours`)."""
+    h, w = image.shape[:2]
+    resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((w, h), Image.BILINEAR))
+    blend = (1 - alpha) * image.astype(np.float32) + alpha * heat_colours(resized).astype(np.float32)
+    return blend.round().astype(np.uint8)

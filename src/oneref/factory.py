@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, open_dict
 
+from oneref import hub
 from oneref.checkpoint import Checkpoint, CheckpointError
 from oneref.checkpoint.resume import AtomicCheckpointIO
 from oneref.config import to_container
@@ -245,9 +246,9 @@ def load_predictor(cfg: DictConfig) -> Predictor:
     from oneref.models.registry import config_from_options
     from oneref.predictor import load
 
-    path = Path(str(cfg.ckpt_path)).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"ckpt_path not found: {path}")
+    path = str(cfg.ckpt_path)
+    if not hub.is_hub_id(path) and not Path(path).expanduser().exists():  # Checkpoint.open resolves a Hub id
+        raise FileNotFoundError(f"ckpt_path not found: {Path(path).expanduser()}")
     checkpoint = Checkpoint.open(path, cfg.get("ckpt_format"))
     config = None
     if checkpoint.format not in ("folder", "lightning"):

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_convert
 
+from oneref import hub
 from oneref.checkpoint import Checkpoint, CheckpointError, check_format, load_model
 from oneref.checkpoint.folder import TOKENIZER_HELP
 from oneref.data.datasets import RefCollate
@@ -71,6 +72,11 @@ class Prediction:
     image_size: tuple[int, int]  # (width, height)
     mask: np.ndarray | None = None  # bool (height, width), RES models only
     image: str = ""  # the image's name in messages: its path, "<PIL image>" or "<array>"
+    # predict(..., similarity=True): float32 (h, w), the cosine of each patch with the expression
+    # (the model's ``visu_sim``, whose softmax weights pool the box), bilinearly upsampled from the
+    # patch grid and cropped to the image inside the letterbox: (h, w) is the upright image at the
+    # model's input scale (long side img_size); resize it to the image to overlay it.
+    similarity: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: image, text, box_xyxy (rounded to 0.01 px; null for an empty RES mask),
@@ -176,14 +182,21 @@ class Predictor:
 
     # -- the API ----------------------------------------------------------------------------------
     @overload
-    def predict(self, images: ImageSource, texts: str, *, progress: bool = False) -> Prediction: ...
+    def predict(
+        self, images: ImageSource, texts: str, *, progress: bool = False, similarity: bool = False
+    ) -> Prediction: ...
 
     @overload
     def predict(
-        self, images: ImageSource | Iterable[ImageSource], texts: Iterable[str], *, progress: bool = False
+        self,
+        images: ImageSource | Iterable[ImageSource],
+        texts: Iterable[str],
+        *,
+        progress: bool = False,
+        similarity: bool = False,
     ) -> list[Prediction]: ...
 
-    def predict(self, images, texts, *, progress=False):
+    def predict(self, images, texts, *, progress=False, similarity=False):
         """Ground ``texts`` in ``images``.
 
         - one image and one text (a ``str``): one :class:`Prediction`;
@@ -195,7 +208,7 @@ class Predictor:
         in the pixels of each image as the user sees it.
         """
         single = isinstance(texts, str) and _is_single_image(images)
-        preds = [p for _, p in self.iter_predict(images, texts, progress=progress)]
+        preds = [p for _, p in self.iter_predict(images, texts, progress=progress, similarity=similarity)]
         return preds[0] if single else preds
 
     def iter_predict(
@@ -204,6 +217,7 @@ class Predictor:
         texts: str | Iterable[str],
         *,
         progress: bool = False,
+        similarity: bool = False,
     ) -> Iterator[tuple[Photo, Prediction]]:
         """(photo, prediction) per query, in order, as batches finish: the photo is the upright
         image the model saw (downscaled over ``max_pixels``), e.g. to draw the prediction on.
@@ -211,7 +225,7 @@ class Predictor:
         The queries are checked at once (counts, texts, paths); images are decoded while the
         model runs, by ``workers`` threads, and at most ``batch_size + workers`` are held."""
         sources, text_list = self._pairs(images, texts)
-        return self._stream(sources, text_list, progress)
+        return self._stream(sources, text_list, progress, similarity)
 
     # -- checks -----------------------------------------------------------------------------------
     def _pairs(self, images: Any, texts: Any) -> tuple[list[ImageSource], list[str]]:
@@ -270,7 +284,7 @@ class Predictor:
         return _Prepared(photo, eval_transform(photo.image, np.zeros(4, np.float32), no_mask, self.img_size))
 
     def _stream(
-        self, sources: list[ImageSource], texts: list[str], progress: bool
+        self, sources: list[ImageSource], texts: list[str], progress: bool, similarity: bool = False
     ) -> Iterator[tuple[Photo, Prediction]]:
         n = len(texts)
         decoded = decode_ahead(self._prepare, sources, self.workers, self.batch_size + self.workers)
@@ -278,14 +292,16 @@ class Predictor:
             try:
                 for start in range(0, n, self.batch_size):
                     items = [next(decoded) for _ in range(min(self.batch_size, n - start))]
-                    preds = self._forward(items, texts[start : start + len(items)], start)
+                    preds = self._forward(items, texts[start : start + len(items)], start, similarity)
                     advance(len(items))
                     yield from ((it.photo, p) for it, p in zip(items, preds))
             finally:
                 decoded.close()  # stops the pool even when the caller stops early
 
     @torch.inference_mode()
-    def _forward(self, items: Sequence[_Prepared], texts: Sequence[str], first: int) -> list[Prediction]:
+    def _forward(
+        self, items: Sequence[_Prepared], texts: Sequence[str], first: int, similarity: bool = False
+    ) -> list[Prediction]:
         size = self.img_size
         # the batch assembly of training and evaluation (normalise, letterbox, tokenise)
         batch = self.collate(
@@ -301,6 +317,7 @@ class Predictor:
         boxes = box_convert(out["pred_box"].float().cpu(), "cxcywh", "xyxy") * size
         boxes = letterbox_to_original(boxes, letterbox, frame.float())  # in photo.image pixels
         seg = out["seg_mask"].float().cpu() if "seg_mask" in out else None
+        sims = similarity_maps(out["visu_sim"], letterbox, frame, size) if similarity else None
         preds = []
         for k, (it, text) in enumerate(zip(items, texts)):
             photo = it.photo
@@ -321,9 +338,32 @@ class Predictor:
                     image_size=photo.original_size,
                     mask=mask,
                     image=photo.name,
+                    similarity=None if sims is None else sims[k],
                 )
             )
         return preds
+
+
+def similarity_maps(
+    visu_sim: torch.Tensor, letterbox: torch.Tensor, frame: torch.Tensor, img_size: int
+) -> list[np.ndarray]:
+    """The (B, G*G) patch cosines as one float32 map per sample over its image region of the
+    letterbox: bilinear from the patch grid to the S x S input, then cropped where the image lies
+    (the resized size as the transform computes it, as in ``res_pred_mask_original``)."""
+    b, n = visu_sim.shape
+    g = round(n**0.5)
+    grid = visu_sim.float().cpu().reshape(b, 1, g, g)
+    full = torch.nn.functional.interpolate(
+        grid, size=(img_size, img_size), mode="bilinear", align_corners=False
+    )
+    maps = []
+    for k in range(b):
+        ratio, left, top = (float(v) for v in letterbox[k])
+        h, w = (int(v) for v in frame[k])
+        rh, rw = (min(max(round(v * ratio), 1), img_size) for v in (h, w))
+        t, lft = round(top), round(left)
+        maps.append(full[k, 0, t : t + rh, lft : lft + rw].numpy().copy())
+    return maps
 
 
 def check_options(
@@ -375,8 +415,9 @@ def load(
 
     ``path``: one of our Lightning ``.ckpt`` files (they carry their architecture and embed their
     tokenizer), a checkpoint folder (config.yaml + weights + tokenizer), an official OneRef /
-    MRefM ``.pth`` (``tokenizer`` required: ``beit3.spm``), or an opened
-    :class:`~oneref.checkpoint.Checkpoint`.
+    MRefM ``.pth`` (``tokenizer`` required: ``beit3.spm``), an opened
+    :class:`~oneref.checkpoint.Checkpoint`, or a Hugging Face Hub repository holding a checkpoint
+    folder (``owner/name``, ``hf://owner/name@revision``; :mod:`oneref.hub`).
 
     ``size`` (tiny, base, large): checked against the checkpoint; the architecture of an official
     file is read off its shapes (size, image size, seg head), so it may be left out.
@@ -389,7 +430,7 @@ def load(
     (what the CLI composes for official files). ``photo``: how photos are read
     (:class:`~oneref.data.images.PhotoOptions`). The other arguments go to :class:`Predictor`.
     """
-    if not isinstance(path, Checkpoint):
+    if not isinstance(path, Checkpoint) and not hub.is_hub_id(path):  # Checkpoint.open resolves a Hub id
         path = Path(path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}; {SOURCES_HELP}")

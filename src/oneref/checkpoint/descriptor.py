@@ -67,7 +67,9 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 def resolve_source(path: str | os.PathLike) -> Path:
     """The local path of the checkpoint the user named: the one place that turns a name into a
     file or folder (a remote scheme would be fetched here)."""
-    local = Path(path).expanduser()
+    from oneref import hub  # a Hub id (owner/name, hf://owner/name@rev): its folder in the Hub's cache
+
+    local = Path(hub.resolve(path)).expanduser()
     if not local.exists():
         raise CheckpointNotFound(
             f"checkpoint {local} does not exist; check the path (it is relative to {Path.cwd()})"
