@@ -23,7 +23,6 @@ from typing import Any
 
 from oneref.checkpoint.folder import CONFIG_FILE, FOLDER_FORMAT, validate_folder
 from oneref.checkpoint.io import CheckpointError
-from oneref.errors import UserError
 
 PREFIX = "hf://"
 # owner/name[@revision]: the Hub's own id rules (letters, digits, - _ .), a revision without spaces
@@ -34,8 +33,9 @@ _HEAD_FILES = [CONFIG_FILE, "config.json", "README.md"]  # what says what a repo
 INSTALL_HINT = "install the Hub client with pip install -e '.[hf]' (huggingface_hub)"
 
 
-class HubError(UserError, CheckpointError):
-    """A repository id that cannot be resolved, or a repository that holds no usable checkpoint."""
+class HubError(CheckpointError):
+    """A repository id that cannot be resolved, or a repository that holds no usable checkpoint (a
+    :class:`~oneref.errors.UserError`, as every CheckpointError)."""
 
 
 @dataclass(frozen=True)
