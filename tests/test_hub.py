@@ -209,3 +209,13 @@ def test_push_refuses_bad_ids_and_a_missing_checkpoint(ckpt, tmp_path, capsys):
     assert f"checkpoint {tmp_path / 'nope.ckpt'} does not exist" in capsys.readouterr().err
     assert convert(["push", str(ckpt), "me/x", "--dry-run"]) == 2
     assert "--dry-run writes the folder only: give it with --local-dir DIR" in capsys.readouterr().err
+
+
+def test_the_card_quotes_the_papers_row_only_for_a_published_kind_of_model():
+    from oneref.models.registry import model_config
+
+    section = hub.published_numbers(model_config("base"), "rec", "refcoco")
+    assert section.startswith("## Published numbers") and "OneRef-B (BEiT3-B)" in section
+    assert "| acc@0.5 | unc | val | 88.75 |" in section
+    assert "| unc+ |" not in section  # single-dataset rows: only the training dataset's numbers
+    assert hub.published_numbers(model_config("tiny"), "rec", "synthetic") == ""

@@ -256,6 +256,7 @@ def model_card(cfg: Any, facts: Mapping[str, Any]) -> str:
             f"the training data)."
         )
     dataset = facts.get("dataset") or "not recorded in the checkpoint"
+    published = published_numbers(cfg, task, facts.get("dataset"))
     card = f"""---
 {data.to_yaml()}
 ---
@@ -286,7 +287,7 @@ or `python -m oneref.predict ckpt_path=OWNER/NAME image=photo.jpg "text='the dog
 
 {metrics}
 
-## Architecture
+{published}## Architecture
 
 | field | value |
 |---|---|
@@ -296,6 +297,33 @@ Written by `python -m oneref.convert push` from `{Path(str(facts.get("source", "
 ({facts.get("source_format", "?")}).
 """
     return card.replace("OWNER/NAME", str(facts.get("repo_id", "OWNER/NAME")))
+
+
+def published_numbers(cfg: Any, task: str, dataset: str | None) -> str:
+    """The card's section quoting the paper's row for a checkpoint of this task, size and training
+    setting (:func:`oneref.paper.select_row`), or "" when the paper has none: of a single-dataset
+    row only the training dataset's numbers (each is another model's), of a mixup row all."""
+    from oneref import paper
+    from oneref.models.registry import size_of
+
+    size = size_of(cfg)
+    row = paper.select_row(task, size, dataset) if size else None
+    if row is None:
+        return ""
+    lines = []
+    only = paper.official_dataset(dataset) if row.setting == "single" else None
+    for metric, per_dataset in row.results.items():
+        for ds, splits in per_dataset.items():
+            if only is None or ds == only:
+                lines += [f"| {metric} | {ds} | {split} | {value:.2f} |" for split, value in splits.items()]
+    if not lines:
+        return ""
+    src = paper.source()
+    return (
+        f"## Published numbers\n\nThe paper's row for this kind of model: {row.label}, {row.table} "
+        f"({src['venue']}; {src['tables']}). They are the published model's, not measured on this "
+        "checkpoint.\n\n| metric | dataset | split | % |\n|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+    )
 
 
 def upload(
