@@ -11,6 +11,7 @@ import torch
 
 from helpers.compose import train_tiny_checkpoint
 from helpers.models import tiny_config, tiny_model
+from helpers.released import write_released_data
 from oneref.checkpoint import (
     FORMAT_NAMES,
     Checkpoint,
@@ -169,13 +170,24 @@ def test_the_data_tokenise_with_the_checkpoints_tokenizer(files, make_cfg):
         build_datamodule(cfg, ckpt)
 
 
-def test_eval_of_our_checkpoint_needs_no_tokenizer_file(make_cfg, tmp_path, cache_dir):
+def test_eval_of_our_checkpoint_on_released_data_needs_no_beit3_spm(make_cfg, tmp_path, cache_dir):
+    """The reported case: ``oneref.eval ckpt_path=best.ckpt data=refcoco`` asked for beit3.spm,
+    and, when that file existed, used it instead of the model's own tokenizer."""
     from oneref.eval import evaluate
 
     ckpt = train_tiny_checkpoint("rec", tmp_path / "train", cache_dir)
-    cfg = make_cfg(f"ckpt_path={ckpt}", "data.tokenizer=/nonexistent/beit3.spm", name="eval")
+    root = write_released_data(tmp_path / "released")
+    (root / "beit3.spm").rename(root / "other.spm")
+    overrides = (f"ckpt_path={ckpt}", "data=refcoco", f"paths.data_dir={root}")
+    cfg = make_cfg(*overrides, name="eval")
     metrics = evaluate(cfg)
-    assert 0 <= metrics["test/synthetic/val/acc@0.5"] <= 1
+    accuracies = [
+        v for k, v in metrics.items() if k.startswith(f"test/{cfg.data.dataset}/") and k.endswith("/acc@0.5")
+    ]
+    assert accuracies and all(0 <= v <= 1 for v in accuracies)
+    (root / "other.spm").rename(root / "beit3.spm")  # another model: refused, naming both
+    with pytest.raises(UserError, match=r"data.tokenizer=.*beit3.spm .*best.ckpt"):  # preflight or the load
+        evaluate(make_cfg(*overrides, name="eval"))
 
 
 # -- check_fits ----------------------------------------------------------------------------------------------
