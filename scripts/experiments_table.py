@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from oneref.config import config_dir
+from oneref.data import OFFICIAL_NAMES
 from oneref.stages import make_plan
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
@@ -106,7 +107,7 @@ def rows() -> list[str]:
             )
             batch = int(c.data.batch_size)
             lines.append(
-                f"| `{command}` | {what} | `{c.data.dataset}` | {stage.index} of {len(plan.stages)} | "
+                f"| `{command}` | {what} | {c.data.dataset} (`{OFFICIAL_NAMES[c.data.dataset]}`) | {stage.index} of {len(plan.stages)} | "
                 f"{c.trainer.max_epochs} | {batch} ({c.get('global_batch_size') or batch * 8}) | "
                 f"{lr_text(c.optim.lr)} | "
                 f"{'frozen' if c.task.frozen_backbone else 'trained'} | {init_name(c, stage.index)} |"

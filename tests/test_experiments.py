@@ -157,7 +157,7 @@ def test_multinode_mrefm_is_one_official_stage(size):
 
 
 def test_data_wins_over_the_task_default(make_cfg):
-    assert make_cfg("task=rec_mixup", "model=base").data.dataset == "mixup_with_refc"
+    assert make_cfg("task=rec_mixup", "model=base").data.dataset == "mixup_refc"
     cfg = make_cfg("task=rec_mixup", "model=base", "data=referit")
     assert cfg.data.dataset == "referit" and cfg.run_name == "rec_mixup_base_referit"
 
@@ -189,7 +189,7 @@ def test_more_test_data_composes_with_the_run_s_task_and_paths(make_cfg):
 
     cfg = make_cfg("task=res_mixup", "model=base")
     other = with_data(cfg, "refcocog_umd")
-    assert other.data.dataset == "gref_umd" and other.data.test_splits == ["val", "test"]
+    assert other.data.dataset == "refcocog_umd" and other.data.test_splits == ["val", "test"]
     assert other.data.seg_masks and other.data.img_size == 384  # RES masks, the model's size
     assert other.data.data_root.startswith(cfg.paths.data_dir) and other.model == cfg.model
 
