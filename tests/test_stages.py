@@ -48,8 +48,8 @@ def spy_init(monkeypatch) -> list[tuple[str, dict[str, torch.Tensor]]]:
     calls = []
     real = factory_mod.init_weights
 
-    def spy(module, source, source_format):
-        real(module, source, source_format)
+    def spy(module, source, source_format, **kwargs):
+        real(module, source, source_format, **kwargs)
         calls.append((source, {k: v.detach().clone() for k, v in module.model.state_dict().items()}))
 
     monkeypatch.setattr(factory_mod, "init_weights", spy)
