@@ -77,13 +77,25 @@ def test_task_model_grid_composes(make_cfg, task, model):
 
 
 def test_rec_mixup_large_is_the_official_recipe(make_cfg):
+    from oneref.stages import make_plan
+
     cfg = make_cfg("task=rec_mixup", "model=large")
-    assert cfg.data.dataset == "mixup_refc"
-    assert cfg.task.losses.use_regress_box and cfg.task.losses.use_box_mask_constraints
-    assert not cfg.task.losses.use_mask_loss
-    assert cfg.optim.lr == pytest.approx(3e-5)
-    assert cfg.data.batch_size == 8  # official large stage 2: 8 per GPU
-    assert cfg.model.img_size == 384 and cfg.data.max_query_len == 64
+    assert cfg.run_name == "rec_mixup_large_mixup_refc" and cfg.stages == 2
+    stage1, stage2 = make_plan(cfg).stages
+    for stage in (stage1, stage2):
+        c = stage.cfg
+        assert c.data.dataset == "mixup_refc" and c.task.losses.use_regress_box
+        assert not c.task.losses.use_mask_loss
+        assert c.model.img_size == 384 and c.data.max_query_len == 64
+    # stage 1: frozen backbone from the REC MRefM checkpoint; stage 2: everything from stage 1's best
+    c = stage1.cfg
+    assert c.task.frozen_backbone and not c.task.losses.use_box_mask_constraints
+    assert (c.optim.lr, c.trainer.max_epochs, c.data.batch_size) == (2.5e-4, 10, 64)
+    assert c.init_from == f"{cfg.paths.data_dir}/checkpoints/mrefm_rec_large.pth" and c.ckpt_format == "mrefm"
+    c = stage2.cfg
+    assert not c.task.frozen_backbone and c.task.losses.use_box_mask_constraints
+    assert (c.optim.lr, c.trainer.max_epochs, c.data.batch_size) == (3e-5, 20, 8)  # 8 per GPU
+    assert c.init_from == stage1.export and c.ckpt_format is None
 
 
 @pytest.mark.parametrize(
@@ -111,6 +123,12 @@ def test_unknown_choice_lists_valid_ones(make_cfg):
     assert "base" in str(err.value) and "large" in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["eval", "predict"])
+def test_eval_and_predict_compose_without_optimiser_and_recipe(make_cfg, name):
+    cfg = make_cfg("ckpt_path=x", "model=base", "task=rec_mixup", name=name)
+    assert "optim" not in cfg and "stages" not in cfg and "init_from" not in cfg
+
+
 def test_eval_config_requires_checkpoint(make_cfg):
     cfg = make_cfg(name="eval")
     from omegaconf import MISSING, OmegaConf
@@ -127,3 +145,5 @@ def test_cli_cfg_job_composes():
     )
     assert out.returncode == 0, out.stderr
     assert "dataset: mixup_refc" in out.stdout and "size: large" in out.stdout
+    assert "run_name: ${oneref.choice:task}" in out.stdout and "stages: 2" in out.stdout
+    assert "mrefm_rec_${model.size}.pth" in out.stdout  # stage 1's weights, never null

@@ -129,3 +129,33 @@ def test_a_sweep_over_a_missing_key_is_one_error_naming_it(tmp_path, cache_dir):
     assert "Traceback" not in out.stderr  # Hydra's message, not a stack trace
     assert not list(tmp_path.rglob("optimization_results.yaml"))
     assert not list(tmp_path.rglob("*.ckpt"))  # no trial trained
+
+
+@pytest.mark.slow
+def test_optuna_trials_stopped_before_any_validation_return_a_float(tmp_path, cache_dir):
+    """max_steps inside the first epoch: no validation ran during training, so the final weights
+    are validated and every trial returns task.monitor (Optuna refuses None)."""
+    needs_optuna()
+    args = [
+        "hparams_search=rec_optuna",
+        "hydra.sweeper.n_trials=2",
+        *SHORT,
+        "trainer.max_steps=2",
+        "logger=csv",
+    ]
+    out = run_cli(args, tmp_path, cache_dir)  # 96 samples of 32: 3 steps per epoch
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "float-castable" not in out.stderr
+    (sweep,) = (tmp_path / "logs" / "rec_tiny_synthetic" / "multiruns").iterdir()
+    result = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert 0.0 <= result.best_value <= 1.0
+
+
+def test_a_monitor_never_logged_is_one_error_naming_it(make_cfg):
+    from oneref.errors import UserError
+    from oneref.train import objective
+
+    cfg = make_cfg("task.monitor=val/nothing")
+    with pytest.raises(UserError, match="task.monitor='val/nothing'"):
+        objective({"train/loss": 1.0, "val/acc@0.5": 0.5}, cfg)
+    assert objective({"val/nothing": 0.25}, cfg) == 0.25

@@ -177,27 +177,19 @@ def test_a_batch_without_mrefm_fields_is_a_clear_error(make_cfg):
 
 @pytest.mark.parametrize("name", PRETRAIN)
 def test_pretraining_experiments_compose_and_fast_dev_run(make_cfg, name):
-    from test_experiments import compose_unshrunk
+    from helpers.compose import compose_config
 
-    real = compose_unshrunk([f"experiment={name}"])
+    real = compose_config("train", [f"experiment={name}"], shrink=False)
     assert real.task.name == "mrefm" and real.data.mrefm.enabled and real.test is False
     assert real.data.dataset == ("mixup_refc" if "_res_" in name else "mixup_refc_referit")
     assert real.task.vqkd.codebook_size == 8192 and real.task.vqkd.checkpoint.endswith("d5036aa7.pth")
-    if name.endswith("stage1"):
-        assert real.task.frozen_backbone and real.trainer.max_epochs == 10 and real.data.batch_size == 64
-        assert real.optim.lr == pytest.approx(2.5e-4) and real.init_format == "beit3"
-    elif name.endswith("stage2"):
-        large = "_large_" in name
-        assert not real.task.frozen_backbone and real.trainer.max_epochs == 100
-        assert (real.data.batch_size, real.optim.lr) == ((8, 3e-5) if large else (32, 5e-5))
-        assert real.init_from.endswith(f"{name.replace('stage2', 'stage1')}/last.ckpt")
-    else:  # the 4 x 8 GPUs variant
-        assert (
-            real.trainer.max_epochs == 200
-            and real.global_batch_size == 1024
-            and real.optim.lr == pytest.approx(1e-3)
-        )
-        assert real.data.seg_masks
+    # the 4 x 8 GPUs variant (the two-stage MRefM recipes: tests/test_experiments.py)
+    assert (
+        real.trainer.max_epochs == 200
+        and real.global_batch_size == 1024
+        and real.optim.lr == pytest.approx(1e-3)
+    )
+    assert real.data.seg_masks
     assert (
         f"experiment={name}" in (Path(config_dir()) / "experiment" / f"{name}.yaml").read_text()
     )  # its command

@@ -8,6 +8,12 @@ resolvers the configs use:
   run name and group of a sweep job).
 - ``${oneref.run_stamp:DEFAULT}``: the run folder's name (stable across SLURM requeues).
 - ``${oneref.run_id:DIR}``: a stable id of a run folder (W&B run id).
+- ``${oneref.choice:GROUP}``: the option chosen for a config group (``task`` -> ``rec_mixup``), for
+  names such as ``run_name``.
+- ``${oneref.stage:V1,V2,...}``: the value of the stage being composed (``stage``: 1, 2, ...), one
+  value per stage of the recipe (``stages``), so a recipe states both stages' values in one place.
+- ``${oneref.stage_dir:BASE}``: BASE for the last stage of a recipe, ``BASE/stage<k>`` for an earlier
+  stage k (where each stage's exports go; the last stage's are where a one-stage run puts them).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 T = TypeVar("T")
 
@@ -65,6 +71,26 @@ def options_from(cls: type[T], value: T | Mapping[str, Any] | None, what: str) -
     return cls(**{k: tuple(v) if isinstance(v, (list, ListConfig)) else v for k, v in value.items()})
 
 
+def with_data(cfg: DictConfig, option: str) -> DictConfig:
+    """A resolved copy of ``cfg`` whose ``data`` is the data group's ``option``, composed with the
+    run's task and model choices (what they set in ``data``, e.g. RES's object masks); its
+    interpolations resolve against ``cfg`` (paths, image size, seed)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"{g}={group_choice(g, cfg)}" for g in ("task", "model")] + [f"data={option}"]
+    if GlobalHydra.instance().is_initialized():  # inside @hydra.main
+        composed = compose(config_name="train", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            composed = compose(config_name="train", overrides=overrides)
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(copy):
+        copy.data = OmegaConf.to_container(composed.data, resolve=False)
+    OmegaConf.resolve(copy)
+    return copy
+
+
 def _hydra_config() -> DictConfig | None:
     try:
         return HydraConfig.get()
@@ -103,8 +129,58 @@ def run_id(output_dir: str) -> str:
     return hashlib.sha1(str(Path(output_dir).absolute()).encode()).hexdigest()[:16]
 
 
+def group_choice(group: str, _root_: Any) -> str:
+    """The option chosen for ``group``: from the config's own ``hydra`` node where it still has one
+    (a sweep resolves its folder before any job runs), else from the running job's HydraConfig."""
+    hydra_node = _root_.get("hydra") if isinstance(_root_, DictConfig) else None
+    choices = hydra_node.runtime.choices if hydra_node is not None else None
+    if choices is None:
+        hydra_cfg = _hydra_config()
+        if hydra_cfg is None:
+            raise ValueError(f"${{oneref.choice:{group}}} needs a config composed by Hydra")
+        choices = hydra_cfg.runtime.choices
+    return str(choices[group])
+
+
+def current_stage(root: Any) -> int:
+    """The stage a config describes: ``stage`` (1, 2, ...); ``all`` reads as the first stage."""
+    stage = root.get("stage", "all")
+    if stage in (None, "all"):
+        return 1
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage < 1:
+        from oneref.errors import UserError
+
+        raise UserError(f"stage={stage!r}: give all, or a stage number from 1 to {root.get('stages', 1)}")
+    return stage
+
+
+def stage_value(*values: Any, _root_: Any) -> Any:
+    """``${oneref.stage:V1,V2}``: the value of the current stage, one value per stage."""
+    stages = _root_.get("stages", 1)
+    if len(values) != stages:
+        raise ValueError(
+            f"${{oneref.stage:...}} gives {len(values)} value(s) {list(values)} for a recipe of "
+            f"stages={stages}: give one value per stage"
+        )
+    stage = current_stage(_root_)
+    if stage > stages:
+        from oneref.errors import UserError
+
+        raise UserError(f"stage={stage}: this recipe has {stages} stage(s); give all or 1..{stages}")
+    return values[stage - 1]
+
+
+def stage_dir(base: str, _root_: Any) -> str:
+    """``${oneref.stage_dir:BASE}``: BASE for the last stage, ``BASE/stage<k>`` for an earlier one."""
+    stage, stages = current_stage(_root_), _root_.get("stages", 1)
+    return str(base) if stage >= stages else f"{base}/stage{stage}"
+
+
 # not cached: one process runs every job of a local sweep, each with its own Hydra config
 OmegaConf.register_new_resolver("oneref.slurm", slurm_value, replace=True)
 OmegaConf.register_new_resolver("oneref.multirun", by_run_mode, replace=True)
 OmegaConf.register_new_resolver("oneref.run_stamp", run_stamp, replace=True)
 OmegaConf.register_new_resolver("oneref.run_id", run_id, replace=True)
+OmegaConf.register_new_resolver("oneref.choice", group_choice, replace=True)
+OmegaConf.register_new_resolver("oneref.stage", stage_value, replace=True)
+OmegaConf.register_new_resolver("oneref.stage_dir", stage_dir, replace=True)

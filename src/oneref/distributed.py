@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +167,7 @@ def check_multi_node(cfg: DictConfig) -> str | None:
 
 
 # -- DDP child processes under Hydra ----------------------------------------------------------------
-def hydra_ddp_child_command(local_rank: int) -> tuple[list[str], str]:
+def hydra_ddp_child_command(local_rank: int, extra: Sequence[str] = ()) -> tuple[list[str], str]:
     """The command that starts DDP rank ``local_rank`` of this Hydra job, and its working dir.
 
     Lightning's DDP launcher re-executes ``sys.argv`` for every other local rank, adding
@@ -174,7 +175,8 @@ def hydra_ddp_child_command(local_rank: int) -> tuple[list[str], str]:
     multirun that re-launches the whole sweep from every rank (``-m`` and the sweep lists are in
     ``sys.argv``): the known Hydra + Lightning trap. Here a rank re-runs exactly this job instead:
     its own resolved overrides, in single-run mode, in this job's output folder (so the run has
-    one folder), without writing a second ``.hydra`` config there.
+    one folder), without writing a second ``.hydra`` config there. ``extra`` overrides replace
+    the job's overrides of the same keys (a multi-stage run starts the ranks of one stage).
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd, to_absolute_path
@@ -186,7 +188,9 @@ def hydra_ddp_child_command(local_rank: int) -> tuple[list[str], str]:
         command = [sys.executable, to_absolute_path(sys.argv[0])]
     else:
         command = [sys.executable, "-m", __main__.__spec__.name]
-    command += list(hc.overrides.task)
+    replaced = {o.split("=", 1)[0] for o in extra}
+    command += [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") not in replaced]
+    command += list(extra)
     command += [
         f"hydra.run.dir={hc.runtime.output_dir}",
         f"hydra.job.name={hc.job.name}_rank{local_rank}",
@@ -195,14 +199,14 @@ def hydra_ddp_child_command(local_rank: int) -> tuple[list[str], str]:
     return command, get_original_cwd()
 
 
-def install_hydra_ddp_launch() -> None:
+def install_hydra_ddp_launch(extra: Sequence[str] = ()) -> None:
     """Make Lightning's DDP launchers (Fabric's and the Trainer's, which imports its own reference)
-    start ranks with :func:`hydra_ddp_child_command`."""
+    start ranks with :func:`hydra_ddp_child_command` (with ``extra`` overrides)."""
     from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
     from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
 
     for launcher in (fabric_launcher, trainer_launcher):
-        launcher._hydra_subprocess_cmd = hydra_ddp_child_command
+        launcher._hydra_subprocess_cmd = functools.partial(hydra_ddp_child_command, extra=tuple(extra))
 
 
 # -- synchronised BatchNorm on any backend -------------------------------------------------------------

@@ -77,7 +77,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     return kind(
         model=to_container(cfg.model),
         task=to_container(cfg.task),
-        optim=to_container(cfg.optim),
+        optim=to_container(cfg.get("optim")),  # none when evaluating
         training={"dataset": str(cfg.data.dataset)},
     )
 

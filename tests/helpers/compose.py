@@ -41,11 +41,12 @@ def compose_config(
             cfg.paths.log_dir = str(Path(output_dir) / "logs")
         if cache is not None:
             cfg.paths.cache_dir = str(cache)
-        if shrink:
+        if shrink and "trainer" in cfg:  # predict has none
             cfg.trainer.accelerator = "cpu"
             cfg.trainer.devices = 1
             cfg.trainer.precision = "32-true"
             cfg.trainer.num_sanity_val_steps = 0
+        if shrink:
             cfg.data.num_workers = 0
             cfg.data.pin_memory = False
             if cfg.data.dataset == "synthetic":
