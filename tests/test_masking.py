@@ -1,5 +1,5 @@
 """MRefM referring-aware image masking and VTS targets against the official generator's
-statistics (../shared/golden masking.json) and golden VTS labels."""
+statistics (the golden masking.json) and golden VTS labels."""
 
 from __future__ import annotations
 

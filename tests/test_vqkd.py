@@ -1,4 +1,4 @@
-"""VQ-KD visual tokenizer (MRefM MIM targets) against the official code (../shared/golden vqkd/)."""
+"""VQ-KD visual tokenizer (MRefM MIM targets) against the official code (the golden vqkd/)."""
 
 from __future__ import annotations
 

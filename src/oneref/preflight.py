@@ -589,8 +589,8 @@ def _merge(found: Iterable[tuple[str, Problem]]) -> list[Problem]:
 
 
 def _init_format(cfg: DictConfig) -> str | None:
-    """The format of ``init_from``: ``init_format`` where the config has that key, else ``ckpt_format``."""
-    fmt = _get(cfg, "init_format") if "init_format" in cfg else _get(cfg, "ckpt_format")
+    """The format of ``init_from``: ``ckpt_format``."""
+    fmt = _get(cfg, "ckpt_format")
     return None if fmt in (None, "auto") else str(fmt)
 
 

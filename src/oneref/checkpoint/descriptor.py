@@ -323,7 +323,7 @@ class Checkpoint:
             raise CheckpointError(
                 f"{knob}={other.model_path} ({other.num_pieces} pieces) is not the tokenizer {self.path} was trained "
                 f"with ({carried.model_path}, {carried.num_pieces} pieces): the model's text ids would mean other "
-                f"words. Drop {knob} (the checkpoint's own is used) or give the same sentencepiece model"
+                f"words. Set {knob}=null (the checkpoint's own is used) or give the same sentencepiece model"
             )
         return carried
 
