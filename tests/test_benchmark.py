@@ -70,3 +70,13 @@ def test_synthetic_batches_are_refcollate_batches() -> None:
     assert batch["text_padding_mask"].sum(1).tolist() == (batch["text_ids"].shape[1] - lengths).tolist()
     official = benchmark.synthetic_batch(3, 32, 50, lengths, benchmark.OFFICIAL_TEXT_LEN, None, gen)
     assert official["text_ids"].shape[1] == benchmark.OFFICIAL_TEXT_LEN
+
+
+def test_data_benchmark_times_the_same_records_in_every_annotation_format(tmp_path: Path) -> None:
+    out = tmp_path / "data.jsonl"
+    argv = ["data", "--samples", "16", "--num-images", "4", "--image-size", "96x64", "--img-size", "64"]
+    argv += ["--batch-size", "8", "--round-size", "8", "--loader-workers", "--formats", "refer", "mdetr"]
+    assert benchmark.main([*argv, "--out", str(out)]) == 0
+    rows = [r for r in _rows(out) if r.get("format")]
+    assert {r["format"] for r in rows} == {"oneref", "refer", "mdetr"}
+    assert all(r["samples"] == 16 and r["samples_per_s_cpu_best"] > 0 for r in rows)

@@ -199,11 +199,53 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loader-workers", type=int, nargs="*", default=[2], help="also time a DataLoader with N workers"
     )
+    p.add_argument(
+        "--formats",
+        nargs="*",
+        default=["refer", "seqtr", "mdetr"],
+        help="also time the training transform on the same records written in these annotation formats",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
-def run_data_bench(args: argparse.Namespace) -> Rows:
+def _time_samples(ds: Any, collate: Any, args: argparse.Namespace, size: tuple[int, int]) -> dict[str, Any]:
+    """Samples/s of one in-process worker over ``args.samples`` samples of ``ds`` (decode, transform,
+    collate), in rounds of whole batches; the best round is the per-worker capability on a busy
+    machine."""
     import numpy as np
+
+    order = np.random.default_rng(args.seed).permutation(len(ds))[: args.samples]
+    for i in order[:8]:  # warm-up (imports, caches)
+        ds[int(i)]
+    rounds = [order[k : k + args.round_size] for k in range(0, len(order), args.round_size)]
+    cpu_rates, wall_rates = [], []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    for rnd in rounds:
+        c0, t0 = time.process_time(), time.perf_counter()
+        batch: list = []
+        for i in rnd:
+            batch.append(ds[int(i)])
+            if len(batch) == args.batch_size:
+                collate(batch)
+                batch = []
+        if batch:
+            collate(batch)
+        cpu_rates.append(len(rnd) / (time.process_time() - c0))
+        wall_rates.append(len(rnd) / (time.perf_counter() - t0))
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "img_size": args.img_size,
+        "images": f"{size[0]}x{size[1]} JPEG",
+        "workers": "1 (in-process)",
+        "samples": len(order),
+        "samples_per_s_cpu_best": max(cpu_rates),
+        "samples_per_s_cpu_median": float(np.median(cpu_rates)),
+        "samples_per_s_wall_median": float(np.median(wall_rates)),
+        "involuntary_ctx_switches": ru1.ru_nivcsw - ru0.ru_nivcsw,
+    }
+
+
+def run_data_bench(args: argparse.Namespace) -> Rows:
     from torch.utils.data import DataLoader
 
     from oneref.data.anchors import RuleAnchorParser
@@ -247,42 +289,19 @@ def run_data_bench(args: argparse.Namespace) -> Rows:
                 tokenizer=tok,
                 anchors=anchors if with_mrefm else None,
             )
-            collate = RefCollate(64, mrefm=mrefm)
-            order = np.random.default_rng(args.seed).permutation(len(ds))[: args.samples]
-            for i in order[:8]:  # warm-up (imports, caches)
-                ds[int(i)]
-            # Rounds of whole batches; the best round is the per-worker capability on a busy machine.
-            rounds = [order[k : k + args.round_size] for k in range(0, len(order), args.round_size)]
-            cpu_rates, wall_rates = [], []
-            ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            for rnd in rounds:
-                c0, t0 = time.process_time(), time.perf_counter()
-                batch: list = []
-                for i in rnd:
-                    batch.append(ds[int(i)])
-                    if len(batch) == args.batch_size:
-                        collate(batch)
-                        batch = []
-                if batch:
-                    collate(batch)
-                cpu_rates.append(len(rnd) / (time.process_time() - c0))
-                wall_rates.append(len(rnd) / (time.perf_counter() - t0))
-            ru1 = resource.getrusage(resource.RUSAGE_SELF)
-            rows.append(
-                {
-                    "bench": "data",
-                    "mode": mode,
-                    "seg_masks": seg,
-                    "img_size": args.img_size,
-                    "images": f"{w}x{h} JPEG",
-                    "workers": "1 (in-process)",
-                    "samples": len(order),
-                    "samples_per_s_cpu_best": max(cpu_rates),
-                    "samples_per_s_cpu_median": float(np.median(cpu_rates)),
-                    "samples_per_s_wall_median": float(np.median(wall_rates)),
-                    "involuntary_ctx_switches": ru1.ru_nivcsw - ru0.ru_nivcsw,
-                }
-            )
+            row = {"bench": "data", "mode": mode, "format": "oneref", "seg_masks": seg}
+            rows.append({**row, **_time_samples(ds, RefCollate(64, mrefm=mrefm), args, (w, h))})
+            log.info("%s", rows[-1])
+        # The same records in every other annotation format (oneref.data.convert): after reading,
+        # every format yields the same RefRecords, so the per-sample work must not differ.
+        for fmt in args.formats:
+            from oneref.data.convert import convert
+
+            convert(root / "splits", root / fmt, to=fmt, datasets=["refcoco"], cache_dir=root / "cache")
+            config = DataConfig(**{**common, "split_root": root / fmt}, format=fmt)
+            ds = RefDataset(config, "train", train=True, tokenizer=tok)
+            row = {"bench": "data", "mode": "train", "format": fmt, "seg_masks": False}
+            rows.append({**row, **_time_samples(ds, RefCollate(64), args, (w, h))})
             log.info("%s", rows[-1])
         rows.append(_fresh_memory_row(args.img_size, args.batch_size))
         log.info("%s", rows[-1])
