@@ -9,9 +9,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import torch
 
+from oneref.atomic import atomic_folder
 from oneref.data.synthetic.config import SPLIT_NAMES, SyntheticConfig
 from oneref.data.synthetic.grammar import VOCABULARY, Obj
 from oneref.data.synthetic.render import generate_image
@@ -172,16 +171,6 @@ def ensure_synthetic(
             )
         t0 = time.perf_counter()
         log.info("generating the synthetic dataset into %s (%s)", root, cfg.as_dict())
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            write_dataset(tmp, cfg, workers)
-            if root.exists():
-                old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(root, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        atomic_folder(root, lambda tmp: write_dataset(tmp, cfg, workers))
         log.info("synthetic dataset ready in %.1f s", time.perf_counter() - t0)
     return paths
