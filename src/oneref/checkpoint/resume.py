@@ -12,13 +12,12 @@ name.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from oneref.atomic import atomic_write
 from oneref.checkpoint.descriptor import Checkpoint
 from oneref.checkpoint.io import CheckpointError
 
@@ -31,15 +30,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        save = super().save_checkpoint
+        # atomic on POSIX: readers see the old file or the new one
+        atomic_write(path, lambda tmp: save(checkpoint, tmp, storage_options))
 
 
 def checkpoint_step(path: str | Path) -> tuple[int, int]:

@@ -34,11 +34,12 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from oneref.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +284,7 @@ def write_anchor_cache(
         **parser.identity,
         "anchors": {p: [a.subject, a.object] for p, a in zip(unique, parsed)},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(content, ensure_ascii=False, separators=(",", ":")))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(content, ensure_ascii=False, separators=(",", ":")))
     log.info(
         "MRefM anchors: parsed %d distinct phrases of %s with %s in %.1f s; cache %s",
         len(unique),

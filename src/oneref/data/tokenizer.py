@@ -26,6 +26,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from oneref.atomic import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -271,7 +273,4 @@ def train_sentencepiece(
         user_defined_symbols=list(user_defined_symbols),
         minloglevel=2,
     )
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
-    return out
+    return atomic_write_bytes(out, buf.getvalue())
