@@ -7,6 +7,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -77,6 +78,19 @@ def print_results(metrics: dict[str, float], title: str, checkpoint: str | None 
     console.print(table)
     if checkpoint:
         console.print(f"checkpoint: {checkpoint}")
+
+
+def print_next_steps(export: str | Path | None, cfg: DictConfig) -> None:
+    """What to do with the model a run exported: evaluate it, predict with it, look at it."""
+    if not export or not Path(export).is_file() or str(cfg.task.name) == "mrefm":
+        return
+    ckpt = str(export)
+    lines = [
+        f"python -m oneref.eval ckpt_path={ckpt} data={cfg.data.dataset}",
+        f"python -m oneref.predict ckpt_path={ckpt} image=photo.jpg \"text='the man in red on the left'\"",
+        f"python -m oneref.demo ckpt_path={ckpt}   # in the browser (the demo extra)",
+    ]
+    Console().print("try the model:\n  " + "\n  ".join(lines), highlight=False, soft_wrap=True)
 
 
 def finish_loggers(trainer: L.Trainer | None) -> None:

@@ -28,6 +28,7 @@ from oneref.errors import UserError, report_user_errors
 from oneref.reporting import (
     finish_loggers,
     log_run_facts,
+    print_next_steps,
     print_results,
     quiet_third_party,
 )
@@ -80,6 +81,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             state.mark_finished(stage, metrics)
             if stage.last and stage.cfg.get("test", True):
                 paper.report(metrics, stage.cfg, plan.run_dir)
+            if stage.last:
+                print_next_steps(stage.export, stage.cfg)
     return metrics
 
 

@@ -226,7 +226,9 @@ def report(
     paper_row = _cfg_get(cfg, "paper_row", "auto")
     row = select_row(str(task), str(size), train_dataset, paper_row)
     if row is None:
-        log.info(
+        # the paper has only base and large models on real data: nothing to say for tiny/synthetic
+        published_kind = str(size) in ("base", "large") and train_dataset != "synthetic"
+        (log.info if published_kind else log.debug)(
             "no published OneRef row for task=%s model=%s trained on %s; name one with paper_row= (%s)",
             task,
             size,
