@@ -102,7 +102,7 @@ def test_examples_are_test_queries_the_model_gets_right_and_wrong(predictor, syn
 
     records = load_split_file(synthetic.split_file("test"))
     examples = app.pick_examples(predictor, records, synthetic.image_dir, candidates=16, right=2, wrong=2)
-    assert 1 <= len(examples) <= 4
+    assert 0 < len(examples) <= 4
     by_text = {(synthetic.image_dir / r[0], r[3]): r for r in records[:16]}
     for e in examples:
         r = by_text[(e.image, e.text)]
