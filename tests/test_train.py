@@ -52,13 +52,25 @@ def spy_on(monkeypatch, owner, name: str) -> list:
     return calls
 
 
-def test_default_path_checkpoints_tests_best_and_logs_csv(make_cfg, tmp_path, monkeypatch):
+def test_default_path_checkpoints_tests_best_and_logs_csv(make_cfg, tmp_path, monkeypatch, capsys):
     cfg = make_cfg("trainer.max_epochs=2", *SHORT[1:], "trainer.log_every_n_steps=1")
     assert (cfg.task.name, cfg.model.size, cfg.data.dataset) == ("rec", "tiny", "synthetic")
     with_logger(cfg, "csv")
     test_calls = spy_on(monkeypatch, L.Trainer, "test")
 
     metrics = train(cfg)
+
+    # what to try next: a predict command on a test image copied next to the export, and eval
+    out = capsys.readouterr().out
+    hint = next(line for line in out.splitlines() if "python -m oneref.predict" in line)
+    image = Path(hint.split("image=")[1].split(" ")[0])
+    text = hint.split("text='")[1].rsplit("'", 1)[0]
+    assert image == Path(cfg.export_best).with_name("example.jpg") and image.is_file() and text
+    assert f"python -m oneref.eval ckpt_path={cfg.export_best} data=synthetic" in out
+    import oneref
+
+    (pred,) = oneref.load(cfg.export_best, device="cpu").predict(str(image), [text])
+    assert pred.box_xyxy is not None
 
     ckpts = tmp_path / "checkpoints"
     best = sorted(ckpts.glob("best_*.ckpt"))

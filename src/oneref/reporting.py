@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from oneref.atomic import atomic_copy
 from oneref.config import to_container
 
 log = logging.getLogger(__name__)
@@ -81,14 +82,28 @@ def print_results(metrics: dict[str, float], title: str, checkpoint: str | None 
 
 
 def print_next_steps(export: str | Path | None, cfg: DictConfig) -> None:
-    """What to do with the model a run exported: evaluate it, predict with it, look at it."""
+    """What to do with the model a run exported: evaluate it, predict with it, look at it. For the
+    synthetic set, the predict command names a test image copied next to the export, with its
+    expression, so that it runs as printed."""
     if not export or not Path(export).is_file() or str(cfg.task.name) == "mrefm":
         return
     ckpt = str(export)
+    image, text = "photo.jpg", "the man in red on the left"
+    if str(cfg.data.dataset) == "synthetic":
+        from oneref.data.records import load_split_file
+        from oneref.data.synthetic import SyntheticPaths
+
+        paths = SyntheticPaths(Path(str(cfg.data.data_root)).expanduser())
+        test = paths.split_file("test")
+        if test.is_file():
+            first = load_split_file(test)[0]
+            image = str(Path(ckpt).with_name("example.jpg"))
+            atomic_copy(paths.image_dir / first[0], image)
+            text = str(first[3])
     lines = [
+        f"python -m oneref.predict ckpt_path={ckpt} image={image} \"text='{text}'\"",
         f"python -m oneref.eval ckpt_path={ckpt} data={cfg.data.dataset}",
-        f"python -m oneref.predict ckpt_path={ckpt} image=photo.jpg \"text='the man in red on the left'\"",
-        f"python -m oneref.demo ckpt_path={ckpt}   # in the browser (the demo extra)",
+        f"python -m oneref.demo ckpt_path={ckpt}   # in the browser (the demo extra; make app)",
     ]
     Console().print("try the model:\n  " + "\n  ".join(lines), highlight=False, soft_wrap=True)
 
