@@ -213,6 +213,11 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------
+def add_format_argument(parser: argparse.ArgumentParser, formats: Sequence[str], help: str) -> None:
+    """``--format``: the input checkpoint's format, in the one vocabulary (checkpoint/formats.py)."""
+    parser.add_argument("--format", choices=[AUTO, *formats], default=AUTO, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m oneref.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,11 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("official", help="official OneRef / MRefM / BEiT-3 file -> checkpoint folder")
     o.add_argument("input", help="official .pth file")
     o.add_argument("out_dir", help="checkpoint folder to write")
-    o.add_argument(
-        "--format",
-        choices=[AUTO, *LAYOUT_FORMATS],
-        default=AUTO,
-        help="auto: detected (default); official: a released OneRef checkpoint; mrefm: MRefM pretraining (its "
+    add_format_argument(
+        o,
+        LAYOUT_FORMATS,
+        "auto: detected (default); official: a released OneRef checkpoint; mrefm: MRefM pretraining (its "
         "MIM/MLM heads are dropped unless --task mrefm); beit3: a BEiT-3 pretrained checkpoint (heads initialised)",
     )
     o.add_argument(
@@ -265,9 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("input")
     t.add_argument("output")
-    t.add_argument(
-        "--format", choices=[AUTO, *FORMAT_NAMES], default=AUTO, help="the input's format (default: detected)"
-    )
+    add_format_argument(t, FORMAT_NAMES, "the input's format (default: detected)")
     t.add_argument(
         "--epoch", type=int, default=0, help="value of the 'epoch' entry (the official eval.py reads it)"
     )
@@ -288,12 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--to", choices=["onnx", "torch_export"], help="what to write (default: from the suffix .onnx, .pt2)"
     )
-    e.add_argument(
-        "--format",
-        choices=[AUTO, *RUNNABLE_FORMATS],
-        default=AUTO,
-        help="the checkpoint's format (default: detected)",
-    )
+    add_format_argument(e, RUNNABLE_FORMATS, "the checkpoint's format (default: detected)")
     e.add_argument(
         "--text-lengths",
         type=int,
@@ -318,12 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--private", action="store_true", help="create the repository private")
     h.add_argument("--revision", help="upload to this branch (created if missing; default: main)")
     h.add_argument("--tokenizer", help="sentencepiece model, for a checkpoint that carries none (beit3.spm)")
-    h.add_argument(
-        "--format",
-        choices=[AUTO, *RUNNABLE_FORMATS],
-        default=AUTO,
-        help="the checkpoint's format (default: detected)",
-    )
+    add_format_argument(h, RUNNABLE_FORMATS, "the checkpoint's format (default: detected)")
     h.add_argument("--overwrite", action="store_true", help="write into a --local-dir that is not empty")
     h.set_defaults(func=cmd_push)
     return p

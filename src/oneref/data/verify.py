@@ -119,8 +119,20 @@ def verify_split(
     box_tolerance: float = 0.0,
     max_examples: int = 5,
     image_cache: dict[Path, tuple] | None = None,
+    fmt: str = "oneref",
 ) -> SplitReport:
+    """Records, sentences, boxes and images of one split; ``fmt`` names the annotation format
+    (`oneref.data.formats`; oneref: the split file read record by record, with its raw records in the report)."""
     rep = SplitReport(dataset, split)
+    if fmt == "oneref":
+        recs = _oneref_records(rep, split_root, dataset, split, max_examples)
+    else:
+        recs = _format_records(rep, data_root, split_root, dataset, split, fmt, max_examples)
+    _check_images(rep, recs, data_root, decode, workers, box_tolerance, max_examples, image_cache)
+    return rep
+
+
+def _oneref_records(rep: SplitReport, split_root: Path, dataset: str, split: str, max_examples: int) -> list:
     path = split_file(split_root, dataset, split)
     raws = load_split_file(path)
     rep.records = len(raws)
@@ -138,8 +150,7 @@ def verify_split(
         elif problem:
             rep.add("degenerate_box", f"{where}: {problem}", max_examples)
         recs.append((where, rec))
-    _check_images(rep, recs, data_root, decode, workers, box_tolerance, max_examples, image_cache)
-    return rep
+    return recs
 
 
 # What a format reader's record error says -> the problem column it counts in.
@@ -150,20 +161,9 @@ _KINDS = (
 )
 
 
-def verify_format_split(
-    data_root: Path,
-    split_root: Path,
-    dataset: str,
-    split: str,
-    fmt: str,
-    decode: bool = False,
-    workers: int = 8,
-    box_tolerance: float = 0.0,
-    max_examples: int = 5,
-    image_cache: dict[Path, tuple] | None = None,
-) -> SplitReport:
-    """`verify_split` for the other annotation formats (`oneref.data.formats`)."""
-    rep = SplitReport(dataset, split)
+def _format_records(
+    rep: SplitReport, data_root: Path, split_root: Path, dataset: str, split: str, fmt: str, max_examples: int
+) -> list:
     recs, problems = load_records(split_root, dataset, split, "skip", data_root, format=fmt)
     rep.records = len(recs) + len(problems)
     for msg in problems:
@@ -179,8 +179,7 @@ def verify_format_split(
                 max_examples,
             )
         good.append((f"{fmt} {split} record {k}", rec))
-    _check_images(rep, good, data_root, decode, workers, box_tolerance, max_examples, image_cache)
-    return rep
+    return good
 
 
 def _check_images(
@@ -257,7 +256,13 @@ def verify(
                 f"{split_root / 'mixup_with_refc' / 'mixup'} or {split_root / 'unc'}"
             )
     reports = []
-    image_cache: dict[Path, tuple] = {}
+    image_cache: dict[Path, tuple] = {}  # an image shared by several splits is read once
+
+    def check(ds: str, split: str, fmt: str = "oneref") -> SplitReport:
+        return verify_split(
+            data_root, split_root, ds, split, decode, workers, box_tolerance, max_examples, image_cache, fmt
+        )
+
     for ds in datasets:
         if ds not in DATASETS:
             problems.append(f"unknown dataset {ds!r}; choose from {list(DATASETS)}")
@@ -267,20 +272,7 @@ def verify(
             if resolved != "oneref":
                 have = formats.available_splits(resolved, split_root, ds)
                 for s in splits if splits is not None else have:
-                    reports.append(
-                        verify_format_split(
-                            data_root,
-                            split_root,
-                            ds,
-                            s,
-                            resolved,
-                            decode,
-                            workers,
-                            box_tolerance,
-                            max_examples,
-                            image_cache,
-                        )
-                    )
+                    reports.append(check(ds, s, fmt=resolved))
                 continue
         except UserError as e:
             problems.append(f"{ds}: {e}")
@@ -299,19 +291,7 @@ def verify(
                     problems.append(f"{ds}: missing split file {_tried(split_root, ds, s)}")
         for s in todo:
             try:
-                reports.append(
-                    verify_split(
-                        data_root,
-                        split_root,
-                        ds,
-                        s,
-                        decode,
-                        workers,
-                        box_tolerance,
-                        max_examples,
-                        image_cache,
-                    )
-                )
+                reports.append(check(ds, s))
             except RecordError as e:
                 problems.append(str(e))
     return reports, problems

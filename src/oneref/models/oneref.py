@@ -88,33 +88,16 @@ class Part:
 
 # Every tensor of OneRef is in exactly one row (tests/test_model.py checks it). The parts are what
 # the losses reach (oneref.tasks.losses.LOSS_REACH): a part no enabled loss reaches is frozen.
+# fmt: off
 PARTS: tuple[Part, ...] = (
     # the contrastive temperature
     Part(prefix="logit_scale", part="logit_scale", key_group="grounding", decay=False),
     Part(prefix="beit3.text_embed.", part="backbone", key_group="backbone", layer="embed"),
     # only masked image modelling reads the mask token
-    Part(
-        prefix="beit3.vision_embed.mask_token",
-        part="mask_token",
-        key_group="backbone",
-        layer="embed",
-        decay=False,
-    ),
-    Part(
-        prefix="beit3.vision_embed.cls_token",
-        part="backbone",
-        key_group="backbone",
-        layer="embed",
-        decay=False,
-    ),
+    Part(prefix="beit3.vision_embed.mask_token", part="mask_token", key_group="backbone", layer="embed", decay=False),
+    Part(prefix="beit3.vision_embed.cls_token", part="backbone", key_group="backbone", layer="embed", decay=False),
     Part(prefix="beit3.vision_embed.proj.", part="backbone", key_group="backbone", layer="embed"),
-    Part(
-        prefix="beit3.encoder.embed_positions.",
-        part="backbone",
-        key_group="backbone",
-        layer="embed",
-        decay=False,
-    ),
+    Part(prefix="beit3.encoder.embed_positions.", part="backbone", key_group="backbone", layer="embed", decay=False),
     Part(prefix="beit3.encoder.layers.", part="backbone", key_group="backbone", layer="block"),
     Part(prefix="beit3.encoder.layer_norm.", part="backbone", key_group="backbone", layer="head"),
     Part(prefix="language_head.", part="language_head", key_group="grounding"),
@@ -133,6 +116,7 @@ PARTS: tuple[Part, ...] = (
     Part(prefix="mlm_head.", part="mlm_head", key_group="mlm"),
     Part(prefix="mlm_sts_head.", part="mlm_sts_head", key_group="mlm"),
 )
+# fmt: on
 KEY_GROUPS: tuple[str, ...] = ("backbone", "grounding", "seg", "mim", "mlm")
 BACKBONE_PARTS: frozenset[str] = frozenset({"backbone", "mask_token"})
 
