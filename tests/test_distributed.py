@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 
+from helpers.cli import cli_env
 from oneref.config import config_dir
 from oneref.distributed import (
     BatchPlan,
@@ -238,15 +238,7 @@ def test_torchrun_two_nodes_on_localhost(tmp_path, cache_dir):
     """Two torchrun 'nodes' of one process each (gloo): both ranks train, test and finish, into
     one run folder (every node is given the same hydra.run.dir)."""
     run_dir = tmp_path / "run"
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {
-        **os.environ,
-        "ONEREF_ROOT": str(tmp_path),
-        "ONEREF_CACHE": str(cache_dir),
-        "WANDB_MODE": "disabled",
-        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = cli_env(tmp_path, cache_dir, OMP_NUM_THREADS="1")
     torchrun = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from helpers.compose import RECIPE_SHRINK
 from oneref.config import config_dir
 from oneref.data import OFFICIAL_NAMES
 from oneref.stages import make_plan
@@ -171,17 +172,7 @@ def test_docs_list_every_official_run():
 
 
 # -- a few official recipes end to end, shrunk to the tiny model on the synthetic data ---------------
-SHRINK = (
-    "model=tiny",
-    "data=synthetic",
-    "init_from=scratch",
-    "debug=default",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "data.batch_size=8",
-)
+SHRINK = ("model=tiny", "data=synthetic", *RECIPE_SHRINK)
 
 
 def test_more_test_data_composes_with_the_run_s_task_and_paths(make_cfg):

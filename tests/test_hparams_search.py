@@ -4,7 +4,6 @@ not exist, and the W&B run name and group of each sweep job."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from helpers.cli import cli_env
 from oneref.config import config_dir
 
 # a few steps of the tiny model on the session's small synthetic set (conftest.TINY_SYNTHETIC)
@@ -44,23 +44,11 @@ def compose_train(*overrides: str, mode: RunMode | None = None, job_num: int | N
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def clear_hydra():
-    yield
-    GlobalHydra.instance().clear()
-
-
 def run_cli(args: list[str], root: Path, cache: Path) -> subprocess.CompletedProcess:
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {
-        **os.environ,
-        "ONEREF_ROOT": str(root),
-        "ONEREF_CACHE": str(cache),
-        "WANDB_MODE": "disabled",
-        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
-    }
     cmd = [sys.executable, "-m", "oneref.train", *args]
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        cmd, cwd=root, env=cli_env(root, cache), capture_output=True, text=True, timeout=600
+    )
 
 
 # -- W&B: one run per job, grouped by sweep ---------------------------------------------------

@@ -29,12 +29,6 @@ def compose_train(*overrides: str) -> DictConfig:
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def clear_hydra():
-    yield
-    GlobalHydra.instance().clear()
-
-
 @pytest.mark.parametrize(("preset", "nodes"), [("slurm_1x8", 1), ("slurm_4x8", 4)])
 def test_presets_ask_for_one_task_per_gpu_and_the_trainer_follows(preset, nodes):
     cfg = compose_train(f"hydra/launcher={preset}", "trainer=ddp")

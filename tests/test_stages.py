@@ -17,23 +17,14 @@ import torch
 
 import oneref.factory as factory_mod
 from helpers.cli import cli_env, run_cli
+from helpers.compose import RECIPE_SHRINK
 from oneref.errors import UserError
 from oneref.factory import build_datamodule, build_module
 from oneref.stages import STATE_FILE, StageState, make_plan
 from oneref.train import train
 
 # the official REC base recipe (two stages), shrunk to a few batches of the tiny model
-TWO_STAGES = (
-    "recipe=rec_base",
-    "init_from=scratch",
-    "debug=default",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "data.batch_size=8",
-    "report_baseline=false",
-)
+TWO_STAGES = ("recipe=rec_base", *RECIPE_SHRINK, "report_baseline=false")
 BACKBONE = "beit3.encoder.layers.0.ffn.A.fc1.weight"
 HEAD = "bbox_embed.layers.2.weight"
 

@@ -14,6 +14,16 @@ from oneref.config import config_dir
 # Small synthetic dataset shared by the whole session (generated once).
 TINY_SYNTHETIC = {"num_train": 96, "num_val": 32, "num_test": 32}
 SYNTHETIC_OVERRIDES = [f"data.synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
+# An official recipe run end to end on a 2-core CPU: random weights, a few batches per stage.
+RECIPE_SHRINK = (
+    "init_from=scratch",
+    "debug=default",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "data.batch_size=8",
+)
 
 
 def compose_config(
