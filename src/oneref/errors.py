@@ -39,6 +39,7 @@ def report_user_errors(fn: F) -> F:
         except UserError as err:
             if full_error():
                 raise
+            # stderr, not logging: the one message the user must see, whatever the log settings
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
 

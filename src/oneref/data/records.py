@@ -367,6 +367,7 @@ class RecordStore(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
+        # bytes this process pickled in __init__ from parsed records, never read from a file
         return pickle.loads(self._buf[self._offsets[i] : self._offsets[i + 1]].tobytes())
 
     def __iter__(self) -> Iterator[Any]:
