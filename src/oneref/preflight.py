@@ -253,11 +253,9 @@ def _check_tokenizer(cfg: DictConfig, checkpoint: Any = None) -> list[Problem]:
 
 
 def _image_dirs(cfg: DictConfig, data_root: Path) -> dict[str, Path]:
-    from oneref.data.records import IMAGE_DIRS
+    from oneref.data.records import image_folders
 
-    dirs = {k: data_root / v for k, v in IMAGE_DIRS.items()}
-    dirs.update({k: _path(v) for k, v in (_get(cfg, "data.image_dirs") or {}).items()})
-    return dirs
+    return image_folders(data_root, _get(cfg, "data.image_dirs"))
 
 
 def image_sources(dataset: str) -> tuple[str, ...]:

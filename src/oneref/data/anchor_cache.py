@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from oneref.data import formats
 from oneref.data.anchors import (
@@ -35,12 +34,10 @@ class SplitAnchors:
     @property
     def parser(self) -> AnchorParser:
         if self._parser is None:
-            m = self.config.mrefm
-            if m.spacy_model is None:
-                kwargs: dict[str, Any] = {}
-            else:
-                kwargs = {"batch_size": m.spacy_batch_size, "n_process": m.spacy_processes}
-            self._parser = make_parser(m.spacy_model, **kwargs)
+            m = self.config.mrefm  # make_parser: the rule-based fallback when no spaCy model is named
+            self._parser = make_parser(
+                m.spacy_model, batch_size=m.spacy_batch_size, n_process=m.spacy_processes
+            )
         return self._parser
 
     @property

@@ -30,10 +30,10 @@ from oneref.data.anchors import Anchors
 from oneref.data.config import DataConfig, check_text_buckets
 from oneref.data.mrefm import MIM_NUM_SCALES, MRefMBuilder, MRefMConfig, collate_mrefm
 from oneref.data.records import (
-    IMAGE_DIRS,
     RecordStore,
     RefRecord,
     check_root,
+    image_folders,
     load_records,
     record_problem,
     split_files,
@@ -104,9 +104,7 @@ class RefDataset(Dataset):
             )
         self.records = RecordStore(records)
         self.num_unparsable = len(problems)
-        dirs = {k: data_root / v for k, v in IMAGE_DIRS.items()}
-        dirs.update({k: Path(v) for k, v in config.image_dirs.items()})
-        self.image_dirs = dirs
+        self.image_dirs = image_folders(data_root, config.image_dirs)
         self.train = bool(train)
         use_mrefm = carries_mrefm(config, split, self.train)
         num_scales = MIM_NUM_SCALES if use_mrefm and config.mrefm.mim_scales else 7

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,14 @@ Expected layout (docs/data.md), with data_root = {data_root} and split_root = {s
   <split_root>/mixup_with_refc_referit/mixup/mixup_<split>.pth            mixup_refc_referit
   or flat: <split_root>/<name>/<name>_<split>.pth                         e.g. unc/unc_testA.pth
   synthetic: <data_root>/images/*.jpg, <data_root>/splits/synthetic/synthetic_<split>.pth"""
+
+
+def image_folders(data_root: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """The image folder of each record source: ``IMAGE_DIRS`` under ``data_root``, then the
+    folders ``overrides`` (``data.image_dirs``) name instead."""
+    dirs = {k: Path(data_root) / v for k, v in IMAGE_DIRS.items()}
+    dirs.update({k: Path(str(v)).expanduser() for k, v in (overrides or {}).items()})
+    return dirs
 
 
 def expected_layout(data_root: Any = "?", split_root: Any = "?") -> str:

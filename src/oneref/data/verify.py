@@ -24,11 +24,11 @@ from oneref.data import formats
 from oneref.data.records import (
     DATASETS,
     DEFAULT_TEST_SPLITS,
-    IMAGE_DIRS,
     SPLITS,
     RecordError,
     dataset_dirs,
     expected_layout,
+    image_folders,
     load_records,
     load_split_file,
     parse_record,
@@ -132,6 +132,15 @@ def verify_split(
     return rep
 
 
+def _add_problem(rep: SplitReport, rec: Any, where: str, shown: str, max_examples: int) -> None:
+    """Count a record's problem (`records.record_problem`): an empty phrase, else a bad box."""
+    problem = record_problem(rec)
+    if problem == "empty phrase":
+        rep.add("empty_phrase", f"{where}: {shown}", max_examples)
+    elif problem:
+        rep.add("degenerate_box", f"{where}: {problem}", max_examples)
+
+
 def _oneref_records(rep: SplitReport, split_root: Path, dataset: str, split: str, max_examples: int) -> list:
     path = split_file(split_root, dataset, split)
     raws = load_split_file(path)
@@ -144,11 +153,7 @@ def _oneref_records(rep: SplitReport, split_root: Path, dataset: str, split: str
         except RecordError as e:
             rep.add("unparsable", str(e), max_examples)
             continue
-        problem = record_problem(rec)
-        if problem == "empty phrase":
-            rep.add("empty_phrase", f"{where}: {raw!r:.200}", max_examples)
-        elif problem:
-            rep.add("degenerate_box", f"{where}: {problem}", max_examples)
+        _add_problem(rep, rec, where, f"{raw!r:.200}", max_examples)
         recs.append((where, rec))
     return recs
 
@@ -171,14 +176,9 @@ def _format_records(
         rep.add(kind, msg, max_examples)
     good = []
     for k, rec in enumerate(recs):
-        problem = record_problem(rec)
-        if problem:
-            rep.add(
-                "degenerate_box" if "box" in problem else "empty_phrase",
-                f"record {k}: {problem}",
-                max_examples,
-            )
-        good.append((f"{fmt} {split} record {k}", rec))
+        where = f"{fmt} {split} record {k}"
+        _add_problem(rep, rec, where, rec.phrase, max_examples)
+        good.append((where, rec))
     return good
 
 
@@ -192,7 +192,7 @@ def _check_images(
     max_examples: int,
     image_cache: dict[Path, tuple] | None,
 ) -> None:
-    roots = {k: data_root / v for k, v in IMAGE_DIRS.items()}
+    roots = image_folders(data_root)
     cache = image_cache if image_cache is not None else {}
     todo = sorted({roots[r.source] / r.image_file for _, r in recs} - set(cache))
     with ThreadPoolExecutor(max(1, workers)) as ex:
