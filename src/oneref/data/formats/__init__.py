@@ -55,17 +55,19 @@ def detect(split_root: str | Path, dataset: str) -> str | None:
 
 
 def resolve(fmt: str, split_root: str | Path, dataset: str) -> str:
-    """`fmt` checked; `auto` detected (and logged once); `oneref` when nothing is found, whose
+    """`fmt` checked; `auto` detected; the reader logged once per folder and dataset; `oneref` when nothing is found, whose
     missing-file error lists the paths tried."""
     if fmt not in FORMATS:
         raise FormatError(f"data.format must be one of {list(FORMATS)}, got {fmt!r}")
-    if fmt != "auto":
-        return fmt
-    found = detect(split_root, dataset) or "oneref"
-    if (str(split_root), dataset) not in _LOGGED:
+    found = fmt if fmt != "auto" else detect(split_root, dataset) or "oneref"
+    if (str(split_root), dataset) not in _LOGGED:  # the run log says which reader ran, once
         _LOGGED.add((str(split_root), dataset))
         log.info(
-            "%s annotations under %s: read with the %s reader (data.format=auto)", dataset, split_root, found
+            "%s annotations under %s: read with the %s reader (data.format=%s)",
+            dataset,
+            split_root,
+            found,
+            fmt,
         )
     return found
 
